@@ -1,0 +1,202 @@
+"""Checkpoint hand-off between phases: load rules, the load report, freezing, atomic saves.
+
+`init_from` loads an earlier phase's weights under include/exclude/rename rules. The
+same pure function (`plan_load`) decides what happens on the driver (which writes
+the report before any worker starts) and in the workers (which apply it), so the
+report always describes what was loaded.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raytrain.config.schema import InitFromConfig, PhaseConfig
+
+STATE_FILE = "state.pt"
+WEIGHTS_FILE = "model.pt"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class PatternError(ValueError):
+    """A freeze/trainable/param-group pattern that matches no parameter."""
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def strip_ddp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model weights from a `model.pt`, a `state.pt`, or a folder holding either."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / WEIGHTS_FILE if (p / WEIGHTS_FILE).exists() else p / STATE_FILE
+    if not p.exists():
+        raise CheckpointError(
+            f"checkpoint {p} does not exist. Give init_from a phase that has finished, or an existing "
+            "model.pt/state.pt path (see summary.json of the earlier run)."
+        )
+    obj = torch.load(p, map_location="cpu", weights_only=False)
+    state = obj["model"] if isinstance(obj, dict) and "model" in obj else obj
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{p}: not a state dict checkpoint")
+    return strip_ddp(state)
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _rename(name: str, rules: dict[str, str]) -> str:
+    for old, new in rules.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+@dataclass
+class LoadReport:
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    renamed: list[tuple[str, str]] = field(default_factory=list)
+    skipped_by_name: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    skipped_by_shape: list[tuple[str, list[int], list[int]]] = field(default_factory=list)  # (key, ckpt, model)
+    not_initialised: list[str] = field(default_factory=list)  # model keys left at their fresh init
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_table(self) -> str:
+        rows = [("key", "action", "detail")]
+        renamed = dict(self.renamed)
+        rows += [(k, "loaded", f"from {renamed[k]}" if k in renamed else "") for k in self.loaded]
+        rows += [(k, "skipped (name)", why) for k, why in self.skipped_by_name]
+        rows += [(k, "skipped (shape)", f"checkpoint {tuple(a)} vs model {tuple(b)}") for k, a, b in self.skipped_by_shape]
+        rows += [(k, "fresh init", "not in checkpoint or not selected") for k in self.not_initialised]
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        head = (f"load report ({self.source}): {len(self.loaded)} loaded, {len(self.renamed)} renamed, "
+                f"{len(self.skipped_by_name)} skipped by name, {len(self.skipped_by_shape)} skipped by shape, "
+                f"{len(self.not_initialised)} left at init")
+        lines = [head] + [f"  {a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
+        return "\n".join(lines)
+
+    def save(self, folder: str | Path) -> tuple[Path, Path]:
+        folder = Path(folder)
+        js, txt = folder / "load_report.json", folder / "load_report.txt"
+        atomic_write_text(js, json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(txt, self.to_table() + "\n")
+        return js, txt
+
+
+def plan_load(ckpt_shapes: dict[str, torch.Size | list[int]], model_shapes: dict[str, torch.Size | list[int]],
+              rules: InitFromConfig, source: str) -> tuple[LoadReport, dict[str, str]]:
+    """Decide which checkpoint key goes to which model key. Returns (report, {model_key: ckpt_key})."""
+    report = LoadReport(source=source)
+    mapping: dict[str, str] = {}
+    for key, shape in ckpt_shapes.items():
+        if not _matches(key, rules.include):
+            report.skipped_by_name.append((key, "not in include"))
+            continue
+        if rules.exclude and _matches(key, rules.exclude):
+            report.skipped_by_name.append((key, "excluded"))
+            continue
+        target = _rename(key, rules.rename)
+        if target not in model_shapes:
+            report.skipped_by_name.append((key, f"no model key {target!r}" if target != key else "not in model"))
+            continue
+        if list(model_shapes[target]) != list(shape):
+            if rules.on_shape_mismatch == "error":
+                raise CheckpointError(
+                    f"init_from {source}: {key} has shape {tuple(shape)} in the checkpoint but "
+                    f"{tuple(model_shapes[target])} in the model. Set on_shape_mismatch: skip to leave it at "
+                    "its fresh init, or exclude it."
+                )
+            report.skipped_by_shape.append((target, list(shape), list(model_shapes[target])))
+            continue
+        mapping[target] = key
+        report.loaded.append(target)
+        if target != key:
+            report.renamed.append((target, key))
+    report.not_initialised = [k for k in model_shapes if k not in mapping]
+    return report, mapping
+
+
+def load_into(model: torch.nn.Module, ckpt: dict[str, torch.Tensor], rules: InitFromConfig,
+              source: str) -> LoadReport:
+    """Apply `plan_load` to a real model (in place)."""
+    own = model.state_dict()
+    report, mapping = plan_load({k: v.shape for k, v in ckpt.items()}, {k: v.shape for k, v in own.items()},
+                                rules, source)
+    with torch.no_grad():
+        for target, key in mapping.items():
+            own[target].copy_(ckpt[key])
+    return report
+
+
+def check_patterns(names: list[str], patterns: list[str], key: str) -> None:
+    """Every pattern must match some parameter; the error shows what names look like."""
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            prefixes = sorted({n.split(".")[0] + ".*" for n in names})
+            raise PatternError(
+                f"{key}: pattern {pat!r} matches no parameter. Top-level prefixes: {', '.join(prefixes)}; "
+                f"e.g. {', '.join(names[:3])}. Fix the pattern (globs: * ? [..])."
+            )
+
+
+def frozen_names(names: list[str], phase: PhaseConfig, where: str) -> set[str]:
+    """Names of the parameters a phase freezes (validated patterns)."""
+    if phase.freeze is not None:
+        check_patterns(names, phase.freeze, f"{where}.freeze")
+        return {n for n in names if _matches(n, phase.freeze)}
+    if phase.trainable is None or phase.trainable == "all":
+        return set()
+    check_patterns(names, phase.trainable, f"{where}.trainable")
+    return {n for n in names if not _matches(n, phase.trainable)}
+
+
+def apply_freeze(model: torch.nn.Module, phase: PhaseConfig, where: str = "phase") -> tuple[int, int]:
+    """Set requires_grad; returns (trainable, frozen) parameter counts."""
+    names = [n for n, _ in model.named_parameters()]
+    frozen = frozen_names(names, phase, where)
+    n_train = n_frozen = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+        if name in frozen:
+            n_frozen += p.numel()
+        else:
+            n_train += p.numel()
+    return n_train, n_frozen

@@ -1,0 +1,133 @@
+"""raytrain command line: prep | plan | run | infer | demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from raytrain.config.loader import ConfigError, load_config
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from raytrain.plan import check_pipeline, format_plan
+
+    cfg = load_config(args.config, args.override)
+    print(format_plan(cfg, check_pipeline(cfg)), end="")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from raytrain.pipeline import PipelineRunner, summary_table
+
+    cfg = load_config(args.config, args.override)
+    only = [p.strip() for p in args.phases.split(",")] if args.phases else None
+    runner = PipelineRunner(cfg, config_text=Path(args.config).read_text(), resume=args.resume, only=only,
+                            run_dir=args.run_dir)
+    print(f"run folder: {runner.run_dir}")
+    t0 = time.time()
+    summary = runner.run()
+    print()
+    print(summary_table(summary))
+    print(f"\nfinished in {time.time() - t0:.0f} s; summary: {runner.run_dir / 'summary.json'}")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
+    return 0
+
+
+def _prep(args: argparse.Namespace) -> int:
+    from datasets_prep.prep import run_prep
+
+    from raytrain.config.loader import parse_override
+
+    overrides = {".".join(k): v for k, v in map(parse_override, args.override)} if args.override else None
+    run_prep(args.config, overrides=overrides)
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from raytrain.infer import load_model, separate_file
+
+    model = load_model(args.source, args.phase)
+    for wav in args.inputs:
+        for p in separate_file(model, wav, args.output):
+            print(p)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Prep the tiny corpus, run separation_tiny.yaml, print the summary and where to look."""
+    from datasets_prep.prep import run_prep
+    from raytrain.pipeline import PipelineRunner, summary_table
+
+    root = Path(args.root)
+    t0 = time.time()
+    run_prep(root / "configs/prep/separation_tiny.yaml", root=root)
+    t_prep = time.time() - t0
+    cfg = load_config(root / "configs/pipelines/separation_tiny.yaml", args.override)
+    runner = PipelineRunner(cfg, config_text=None)
+    summary = runner.run()
+    print()
+    print(summary_table(summary))
+    print(f"\nprep {t_prep:.0f} s, pipeline {time.time() - t0 - t_prep:.0f} s; run folder {runner.run_dir}")
+    print(f"summary: {runner.run_dir / 'summary.json'}")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="raytrain", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="pipeline YAML, e.g. configs/pipelines/separation_tiny.yaml")
+        p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                       help="e.g. -o phases.1.optim.lr=3e-4 or -o phases.long.max_steps=10 (repeatable)")
+
+    p = sub.add_parser("plan", help="validate a pipeline and print its phase table (no Ray)")
+    with_config(p)
+    p.set_defaults(fn=_plan)
+    p = sub.add_parser("run", help="run a pipeline's phases on Ray Train")
+    with_config(p)
+    p.add_argument("--phases", help="comma-separated phase names to run (others are skipped)")
+    p.add_argument("--resume", action="store_true", help="continue the last unfinished run of this pipeline")
+    p.add_argument("--run-dir", help="use this run folder (default runs/<pipeline>/<timestamp>)")
+    p.set_defaults(fn=_run)
+    p = sub.add_parser("prep", help="prepare a corpus into Parquet shards from a prep YAML")
+    p.add_argument("config", help="prep YAML, e.g. configs/prep/separation_tiny.yaml")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=_prep)
+    p = sub.add_parser("infer", help="separate wav files with a trained model")
+    p.add_argument("source", help="run folder runs/<pipeline>/<id>, a phase folder, or a model.pt")
+    p.add_argument("inputs", nargs="+", help="input wav/flac files (any sample rate)")
+    p.add_argument("-o", "--output", default="out", help="output folder (default: out/)")
+    p.add_argument("--phase", help="phase whose best checkpoint to use (default: the last finished)")
+    p.set_defaults(fn=_infer)
+    p = sub.add_parser("demo", help="prep a tiny corpus and run separation_tiny.yaml end to end")
+    p.add_argument("--root", default=".", help="project folder holding configs/")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from raytrain.checkpoints import CheckpointError
+        from raytrain.pipeline import PipelineError
+
+        if isinstance(exc, PipelineError | CheckpointError | FileNotFoundError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

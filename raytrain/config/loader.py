@@ -1,0 +1,198 @@
+"""YAML -> validated `PipelineConfig`: `-o key=value` overrides, phase defaults, readable errors."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from raytrain.config.schema import PipelineConfig
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key path and the fix."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`phases.1.optim.lr=3e-4` -> (['phases', '1', 'optim', 'lr'], 0.0003). Values are YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (e.g. phases.1.optim.lr=3e-4)")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML 1.1 reads "3e-4" as a string; numbers are what users mean.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return [p for p in key.strip().split(".")], value
+
+
+def _child_key(node: Any, part: str, path: str) -> Any:
+    """Index into a list by position or by an element's `name` (phases.multitask.optim.lr)."""
+    if isinstance(node, list):
+        if part.lstrip("-").isdigit():
+            idx = int(part)
+            if not -len(node) <= idx < len(node):
+                raise ConfigError(f"override {path}: index {idx} out of range (there are {len(node)})")
+            return idx
+        names = [n.get("name") for n in node if isinstance(n, dict)]
+        if part in names:
+            return names.index(part)
+        close = difflib.get_close_matches(part, [str(n) for n in names], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"override {path}: no list entry named {part!r}{hint} (names: {names})")
+    return part
+
+
+def apply_override(raw: dict[str, Any], parts: list[str], value: Any) -> None:
+    node: Any = raw
+    path = ".".join(parts)
+    for i, part in enumerate(parts):
+        key = _child_key(node, part, path)
+        last = i == len(parts) - 1
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and (key not in node or node[key] is None):
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, dict | list):
+                raise ConfigError(f"override {path}: {'.'.join(parts[: i + 1])} is a value, not a section")
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Dicts merge recursively; anything else in `over` replaces `base`."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config model class that holds the key at `loc[-1]`."""
+    cls: Any = PipelineConfig
+    for part in loc[:-1]:
+        if isinstance(part, int) or cls is None:
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            return None
+        cls = _unwrap(cls.model_fields[part].annotation)
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _unwrap(ann: Any) -> Any:
+    """First BaseModel class inside Optional/list/dict/Union annotations."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    origin = typing.get_origin(ann)
+    if origin in (list, dict, typing.Union, types.UnionType):
+        for arg in typing.get_args(ann):
+            found = _unwrap(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _loc_text(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
+    out: list[str] = []
+    node: Any = raw
+    for part in loc:
+        if isinstance(part, int):
+            label = f"[{part}]"
+            if isinstance(node, list) and part < len(node) and isinstance(node[part], dict):
+                name = node[part].get("name")
+                label = f"[{part}]" + (f"({name})" if name else "")
+            out.append(label)
+        elif part in ("function-after[_consistent()]", "function-after[_one_source()]"):
+            continue
+        else:
+            out.append(("." if out else "") + str(part))
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return "".join(out)
+
+
+def format_validation_error(err: ValidationError, raw: dict[str, Any], source: str) -> str:
+    errors = []
+    for e in err.errors():
+        # Union members ("str", "InitFromConfig", "function-after[...]") appear in loc; drop them.
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and _is_union_tag(p)))
+        errors.append((loc, e))
+    # For a union, keep the errors of the member the user evidently meant (the deeper ones).
+    errors = [(loc, e) for loc, e in errors
+              if not any(len(o) > len(loc) and o[: len(loc)] == loc for o, _ in errors)]
+    lines = [f"{source}: invalid config ({len(errors)} problem{'s' * (len(errors) > 1)})"]
+    for loc, e in errors:
+        where = _loc_text(loc, raw) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            model = _model_at(loc)
+            valid = sorted(model.model_fields) if model else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            lines.append(f"  {where}: unknown key.{hint} Valid keys here: {', '.join(valid)}")
+        elif e["type"] == "missing":
+            lines.append(f"  {where}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {where}: {msg} (got {e.get('input')!r})" if e["type"] != "value_error" else f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def _is_union_tag(part: str) -> bool:
+    return part.startswith("function-") or part[:1].isupper() or part in ("str", "list[str]") or part.startswith("literal[")
+
+
+def _merge_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise ConfigError("defaults: must be a mapping of phase keys (e.g. {batch_size: 8, optim: {lr: 1e-3}})")
+    phases = raw.get("phases")
+    if isinstance(phases, list):
+        raw = dict(raw)
+        raw["phases"] = [deep_merge(defaults, p) if isinstance(p, dict) else p for p in phases]
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                raw: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read YAML (or take `raw`), apply overrides, merge phase defaults, validate."""
+    source = str(path) if path is not None else "<config>"
+    if raw is None:
+        if path is None:
+            raise ConfigError("load_config needs a path or a raw dict")
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    raw = copy.deepcopy(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with name, data, model, phases")
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        apply_override(raw, parts, value)
+    merged = _merge_defaults(raw)
+    try:
+        return PipelineConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, merged, source)) from None
+
+
+def validate_update(cfg: PipelineConfig, overrides: list[str]) -> PipelineConfig:
+    """Re-validate after overrides (sweeps): never `model_copy(update=...)`, which skips validation."""
+    raw = cfg.model_dump(mode="json")
+    return load_config(raw=raw, overrides=overrides)

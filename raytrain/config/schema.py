@@ -1,0 +1,209 @@
+"""Pydantic models of the pipeline YAML.
+
+Every model forbids unknown keys, so a typo fails at `raytrain plan` time with the
+key's path. Fields a phase leaves unset are filled from the pipeline's `defaults:`
+block before validation (see `loader.py`), so the models here see a merged dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    """A registry name (`convtasnet`) or a dotted path (`pkg.mod:Class`) plus its kwargs."""
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    adapter: str | None = None
+
+
+class ScalingConfig(Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float | None = Field(None, gt=0, description="default: leaves a CPU free for Ray Data")
+    threads_per_worker: int | None = Field(None, ge=1, description="torch threads; default: CPUs / workers")
+    max_failures: int = Field(0, ge=0, description="worker restarts from the last checkpoint (FailureConfig)")
+
+
+class DatasetConfig(Strict):
+    shards: str
+
+
+class TrainSource(Strict):
+    name: str
+    weight: float = Field(1.0, gt=0)
+
+
+class OptimConfig(Strict):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0)
+
+
+class ScheduleConfig(Strict):
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class ParamGroupConfig(Strict):
+    """Parameters whose names match `params` (glob, first matching group wins)."""
+
+    params: str | list[str]
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+
+    @property
+    def patterns(self) -> list[str]:
+        return [self.params] if isinstance(self.params, str) else list(self.params)
+
+
+class InitFromConfig(Strict):
+    """Where a phase's weights come from: an earlier phase or a checkpoint path."""
+
+    phase: str | None = None
+    path: str | None = None
+    checkpoint: Literal["best", "last"] = "best"
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    rename: dict[str, str] = Field(default_factory=dict, description="old prefix -> new prefix")
+    on_shape_mismatch: Literal["skip", "error"] = "error"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InitFromConfig:
+        if (self.phase is None) == (self.path is None):
+            raise ValueError("init_from needs exactly one of 'phase' (an earlier phase's name) or 'path'")
+        return self
+
+
+class GateConfig(Strict):
+    metric: str
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bound(self) -> GateConfig:
+        if self.min is None and self.max is None:
+            raise ValueError(f"gate on {self.metric!r} needs 'min' or 'max'")
+        return self
+
+
+class TransformConfig(Strict):
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class PhaseConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["train"] = "train"
+    model: ModelConfig | None = None
+    train: list[TrainSource] = Field(default_factory=list)
+    eval: str | None = None
+    trainable: list[str] | Literal["all"] | None = None
+    freeze: list[str] | None = None
+    losses: dict[str, float] = Field(default_factory=dict)
+    metrics: list[str] = Field(default_factory=list)
+    transforms: list[TransformConfig] = Field(default_factory=list)
+    eval_transforms: list[TransformConfig] = Field(default_factory=list)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    param_groups: list[ParamGroupConfig] = Field(default_factory=list)
+    batch_size: int = Field(8, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(1000, ge=1)
+    eval_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(10, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    grad_clip: float | None = Field(None, gt=0)
+    max_bad_steps: int = Field(10, ge=1, description="abort after this many non-finite losses in a row")
+    cache_eval: bool = Field(True, description="keep the collated eval batches in worker memory")
+    shuffle_buffer: int = Field(0, ge=0, description="rows; 0 = file-level shuffle only")
+    init_from: str | InitFromConfig | None = None
+    gates: list[GateConfig] = Field(default_factory=list)
+    best_metric: str | None = Field(None, description="e.g. eval/si_sdri; default: eval/loss")
+    best_mode: Literal["min", "max"] | None = None
+    scaling: ScalingConfig | None = None
+    fail_at_step: int | None = Field(None, ge=1, description="testing: rank 0 exits once at this step")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train_sources(cls, value: Any) -> Any:
+        """Accept `[a, b]`, `[{name: a, weight: 2}]` and `{a: 1, b: 2}`."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, dict):
+            return [{"name": k, "weight": w} for k, w in value.items()]
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("trainable", "freeze", mode="before")
+    @classmethod
+    def _patterns(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "all":
+            return [value]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PhaseConfig:
+        if self.trainable is not None and self.freeze is not None:
+            raise ValueError("set either 'trainable' or 'freeze', not both")
+        if not self.losses:
+            raise ValueError("a train phase needs 'losses' (name: weight), e.g. {si_sdr_pit: 1.0}")
+        if not self.train:
+            raise ValueError("a train phase needs 'train': the datasets to train on")
+        return self
+
+    @property
+    def init(self) -> InitFromConfig | None:
+        if isinstance(self.init_from, str):
+            return InitFromConfig(phase=self.init_from)
+        return self.init_from
+
+    @property
+    def best(self) -> tuple[str, str]:
+        """(metric, mode) used to pick the phase's best checkpoint."""
+        metric = self.best_metric or ("eval/loss" if self.eval else "train/loss")
+        mode = self.best_mode or ("min" if metric.endswith("loss") else "max")
+        return metric, mode
+
+
+class TrackingConfig(Strict):
+    uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<runs_dir>/mlflow.db")
+    experiment: str | None = None
+    enabled: bool = True
+
+
+class PipelineConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    runs_dir: str = "runs"
+    data: dict[str, DatasetConfig]
+    model: ModelConfig
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    defaults: dict[str, Any] = Field(default_factory=dict, description="merged into every phase")
+    phases: list[PhaseConfig] = Field(min_length=1)
+
+    def phase(self, name: str) -> PhaseConfig:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise KeyError(f"no phase named {name!r}; phases: {[p.name for p in self.phases]}")
+
+    def phase_model(self, phase: PhaseConfig) -> ModelConfig:
+        return phase.model or self.model
+
+    def phase_scaling(self, phase: PhaseConfig) -> ScalingConfig:
+        return phase.scaling or self.scaling

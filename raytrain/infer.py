@@ -1,0 +1,77 @@
+"""`raytrain infer`: separate audio files with a trained model (a run folder or a checkpoint)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+import yaml
+
+from raytrain.checkpoints import load_weights
+from raytrain.config.schema import ModelConfig, PipelineConfig
+from raytrain.models import build_model
+
+
+def locate(source: str | Path, phase: str | None = None) -> tuple[Path, ModelConfig]:
+    """(weights file, model config) from a run folder, a phase folder, or a model.pt inside a run."""
+    src = Path(source)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such run folder or checkpoint")
+    run_dir = next((p for p in [src, *src.parents] if (p / "summary.json").exists()), None)
+    if run_dir is None:
+        raise FileNotFoundError(f"{src}: not inside a raytrain run folder (no summary.json above it); "
+                                "give the run folder runs/<pipeline>/<run_id> or a model.pt inside it")
+    pipe = PipelineConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if src.is_file():
+        weights = src
+        phase = phase or src.parent.parent.name
+    else:
+        if phase is None:
+            if src != run_dir:
+                phase = src.name
+            else:
+                done = [n for n, e in summary["phases"].items() if e.get("best_checkpoint")]
+                if not done:
+                    raise FileNotFoundError(f"{run_dir}: no phase has finished yet")
+                phase = done[-1]
+        entry = summary["phases"].get(phase, {})
+        if not entry.get("best_checkpoint"):
+            raise FileNotFoundError(f"{run_dir}: phase {phase!r} has no checkpoint (status: {entry.get('status')})")
+        weights = Path(entry["best_checkpoint"])
+    return weights, pipe.phase_model(pipe.phase(phase)) if phase in [p.name for p in pipe.phases] else pipe.model
+
+
+def load_model(source: str | Path, phase: str | None = None) -> torch.nn.Module:
+    weights, mcfg = locate(source, phase)
+    model = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
+    model.load_state_dict(load_weights(weights))
+    return model.eval()
+
+
+@torch.no_grad()
+def separate_file(model: torch.nn.Module, path: str | Path, out_dir: str | Path) -> list[Path]:
+    """Writes `<stem>_s1.wav` … at the input's own sample rate; returns the paths."""
+    wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    mono = torch.from_numpy(wave.mean(axis=1))
+    model_sr = int(getattr(model, "sample_rate", sr))
+    x = AF.resample(mono, sr, model_sr) if sr != model_sr else mono
+    est = model({"mix": x[None], "lengths": torch.tensor([x.shape[-1]])})["est_sources"][0]  # (sources, time)
+    if sr != model_sr:
+        est = AF.resample(est, model_sr, sr)
+    est = est[:, : mono.shape[-1]]
+    peak_in = float(mono.abs().max()) or 1.0
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, src in enumerate(est):
+        s = src.numpy()
+        s = s / (np.abs(s).max() + 1e-8) * min(0.9, peak_in)  # SI-SDR training leaves the scale free
+        p = out_dir / f"{Path(path).stem}_s{i + 1}.wav"
+        sf.write(str(p), s, sr, subtype="PCM_16")
+        paths.append(p)
+    return paths

@@ -1,0 +1,23 @@
+"""Evaluation metrics by name.
+
+A metric is ``fn(outputs: dict, batch: dict) -> dict[str, Tensor]`` returning
+per-example values of shape ``(batch,)``; the loop sums them and the example count
+across ranks, then averages. Users plug in ``pkg.mod:fn`` through the same slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from raytrain.metrics.separation import mixture_si_sdr, pit_si_sdr, si_sdr, si_sdri
+from raytrain.registry import Registry
+
+MetricFn = Callable[[dict[str, Tensor], dict[str, Tensor]], dict[str, Tensor]]
+
+METRICS: Registry[MetricFn] = Registry("metric")
+METRICS.register("si_sdr")(si_sdr)
+METRICS.register("si_sdri")(si_sdri)
+
+__all__ = ["METRICS", "MetricFn", "mixture_si_sdr", "pit_si_sdr", "si_sdr", "si_sdri"]

@@ -1,0 +1,118 @@
+"""The phase pipeline end to end on local Ray: summary, hand-off, freezing, MLflow, infer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from raytrain.checkpoints import load_weights
+from raytrain.config import load_config
+from raytrain.pipeline import PipelineError, PipelineRunner
+
+from .conftest import pipeline_dict
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def finished_run(corpus: Path, ray_local: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    runs = tmp_path_factory.mktemp("runs")
+    raw = pipeline_dict(corpus, runs, freeze=["net.encoder.*", "net.decoder.*"],
+                        gates=[{"metric": "eval/si_sdri", "min": -100.0}])
+    runner = PipelineRunner(load_config(raw=raw), progress=False)
+    summary = runner.run()
+    return {"summary": summary, "run_dir": runner.run_dir, "runs": runs}
+
+
+def test_summary_lists_every_phase_with_metrics_and_checkpoints(finished_run: dict[str, Any]) -> None:
+    run_dir: Path = finished_run["run_dir"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert list(summary["phases"]) == ["a", "b"]
+    for name, steps in (("a", 8), ("b", 6)):
+        entry = summary["phases"][name]
+        assert entry["status"] == "finished"
+        assert entry["steps"] == steps
+        assert np.isfinite(entry["final_metrics"]["eval/si_sdri"])
+        assert np.isfinite(entry["final_metrics"]["train/loss"])
+        assert Path(entry["best_checkpoint"]).is_file() and Path(entry["last_checkpoint"]).is_file()
+        assert entry["mlflow_run_id"]
+    gate = summary["phases"]["b"]["gates"][0]
+    assert gate["passed"] and gate["metric"] == "eval/si_sdri"
+
+
+def test_frozen_parameters_are_bitwise_unchanged_and_the_rest_trained(finished_run: dict[str, Any]) -> None:
+    phases = finished_run["summary"]["phases"]
+    start = load_weights(phases["a"]["best_checkpoint"])  # b starts from a's best checkpoint
+    end = load_weights(phases["b"]["last_checkpoint"])
+    frozen = [k for k in start if k.startswith(("net.encoder.", "net.decoder."))]
+    trained = [k for k in start if k.startswith("net.mask_generator.") and "weight" in k]
+    assert frozen and trained
+    for k in frozen:
+        assert torch.equal(start[k], end[k]), f"frozen {k} moved"
+    assert any(not torch.equal(start[k], end[k]) for k in trained), "no trainable weight moved"
+
+
+def test_load_report_is_written_and_complete(finished_run: dict[str, Any]) -> None:
+    phase_dir = finished_run["run_dir"] / "b"
+    report = json.loads((phase_dir / "load_report.json").read_text())
+    state = load_weights(finished_run["summary"]["phases"]["a"]["best_checkpoint"])
+    assert sorted(report["loaded"]) == sorted(state)
+    assert report["skipped_by_shape"] == [] and report["not_initialised"] == []
+    assert "loaded" in (phase_dir / "load_report.txt").read_text()
+
+
+def test_mlflow_has_parent_nested_phase_runs_metrics_and_artifacts(finished_run: dict[str, Any]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    summary = finished_run["summary"]
+    client = MlflowClient(tracking_uri=summary["mlflow_uri"])
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["phases.a.max_steps"] == "8"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["a", "b"]
+    b = next(r for r in children if r.info.run_name == "b")
+    assert b.info.status == "FINISHED"
+    history = client.get_metric_history(b.info.run_id, "train/loss")
+    assert [m.step for m in history] == [2, 4, 6]
+    evals = client.get_metric_history(b.info.run_id, "eval/si_sdri")
+    assert [m.step for m in evals] == [3, 6]
+    artifacts = {a.path for a in client.list_artifacts(b.info.run_id)}
+    assert {"config.yaml", "load_report.json", "load_report.txt", "checkpoint"} <= artifacts
+    assert [a.path for a in client.list_artifacts(b.info.run_id, "checkpoint")] == ["checkpoint/model.pt"]
+
+
+def test_infer_separates_a_new_file_at_its_own_rate(finished_run: dict[str, Any], tmp_path: Path) -> None:
+    from raytrain.cli import main
+
+    t = np.arange(16000 * 1.2) / 16000
+    mix = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.2 * np.sign(np.sin(2 * np.pi * 3 * t)) * np.sin(2 * np.pi * 900 * t)
+    wav = tmp_path / "mix.wav"
+    sf.write(wav, mix.astype(np.float32), 16000)
+    assert main(["infer", str(finished_run["run_dir"]), str(wav), "-o", str(tmp_path / "out")]) == 0
+    outs = sorted((tmp_path / "out").glob("mix_s*.wav"))
+    assert [p.name for p in outs] == ["mix_s1.wav", "mix_s2.wav"]
+    for p in outs:
+        data, sr = sf.read(p)
+        assert sr == 16000 and len(data) == len(mix) and np.abs(data).max() > 0
+
+
+def test_unmet_gate_stops_the_pipeline_with_a_clear_message(corpus: Path, ray_local: Any, tmp_path: Path) -> None:
+    raw = pipeline_dict(corpus, tmp_path, gates=[{"metric": "eval/si_sdri", "min": 90.0}])
+    raw["phases"][0]["max_steps"] = 2
+    raw["phases"][0]["checkpoint_every"] = 2
+    raw["phases"][1]["max_steps"] = 2
+    runner = PipelineRunner(load_config(raw=raw), progress=False)
+    with pytest.raises(PipelineError, match=r"gate not met after phase 'b': eval/si_sdri = .* \(needs >= 90.0\)"):
+        runner.run()
+    summary = json.loads((runner.run_dir / "summary.json").read_text())
+    assert summary["phases"]["b"]["status"] == "gate_failed"
+    assert summary["status"] == "failed"

@@ -1,0 +1,88 @@
+"""The espeak-ng synthetic corpus: deterministic, held-out voices and words, right format."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+import soundfile as sf
+
+from datasets_prep.readers.espeak import (
+    generate_corpus,
+    make_sentences,
+    split_voices,
+    vocab_split,
+    vocabulary,
+    voice_pool,
+)
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+
+
+def _digest(folder) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_voice_pool_is_large_distinct_and_stable():
+    pool = voice_pool()
+    ids = [v.id for v in pool]
+    assert len(ids) >= 120 and len(set(ids)) == len(ids)
+    assert ids == [v.id for v in voice_pool()]
+    assert all("/" not in i and " " not in i for i in ids)
+    assert pool[0].espeak_args()[:2] == ["-v", f"{pool[0].base}+{pool[0].variant}"]
+
+
+def test_dev_voices_use_held_out_variants():
+    train, dev = split_voices(56, 8, seed=0)
+    assert len(train) == 56 and len(dev) == 8
+    assert not {v.variant for v in train} & {v.variant for v in dev}
+    assert {v.gender for v in dev} == {"M", "F"}
+    assert len({v.variant for v in train[:20]}) == 20  # spread: every timbre before one repeats
+    assert split_voices(56, 8, seed=0) == (train, dev)
+    assert split_voices(56, 8, seed=1) != (train, dev)
+    with pytest.raises(ValueError, match="pool has"):
+        split_voices(5000, 8, seed=0)
+
+
+def test_dev_sentence_words_never_in_train():
+    tr_slice, dev_slice = vocab_split(0.2)
+    train = make_sentences(600, seed=0, vocab_slice=tr_slice)
+    dev = make_sentences(60, seed=0, vocab_slice=dev_slice)
+    assert len(set(train)) == 600 and len(set(dev)) == 60
+    assert all(4 <= len(s.split()) <= 10 for s in train + dev)
+    train_words = {w for s in train for w in s.split()}
+    dev_words = {w for s in dev for w in s.split()}
+    assert not train_words & dev_words
+    assert (train_words | dev_words) <= set(vocabulary())
+    assert make_sentences(60, seed=0, vocab_slice=dev_slice) == dev
+    assert len(vocabulary()) >= 400
+
+
+@needs_espeak
+def test_corpus_is_byte_identical_mono_and_resampled(tmp_path):
+    voices = voice_pool()[:2]
+    sentences = make_sentences(3, seed=0)
+    kw = dict(voices=voices, sentences_per_voice=3, sentences=sentences, sample_rate=8000, seed=0)
+    s1 = generate_corpus(tmp_path / "a", **kw)
+    generate_corpus(tmp_path / "b", **kw, workers=1)
+    assert s1["generated"] == 6
+    a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
+    assert a == b and len([k for k in a if k.endswith(".wav")]) == 6
+    for wav in (tmp_path / "a").rglob("*.wav"):
+        info = sf.info(str(wav))
+        assert info.samplerate == 8000 and info.channels == 1 and info.subtype == "PCM_16"
+        assert info.frames > 8000 // 2
+        assert wav.with_suffix(".txt").read_text().strip() in sentences
+    again = generate_corpus(tmp_path / "a", **kw)  # re-run skips everything
+    assert again["generated"] == 0 and again["skipped"] == 6 and _digest(tmp_path / "a") == a
+
+
+@needs_espeak
+def test_changed_parameters_replace_the_old_corpus(tmp_path):
+    voices = voice_pool()[:1]
+    generate_corpus(tmp_path, voices, 2, make_sentences(3, seed=0), 8000, seed=0)
+    out = generate_corpus(tmp_path, voices, 2, make_sentences(3, seed=5), 8000, seed=0)
+    assert out["generated"] == 2
+    assert len(list(tmp_path.rglob("*.wav"))) == 2
