@@ -38,7 +38,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def _prep(args: argparse.Namespace) -> int:
     from datasets_prep.prep import run_prep
-
     from raytrain.config.loader import parse_override
 
     overrides = {".".join(k): v for k, v in map(parse_override, args.override)} if args.override else None

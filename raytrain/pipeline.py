@@ -69,7 +69,8 @@ def ray_init() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True,
+    # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group cleaner polls.
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=True, log_to_driver=True,
              logging_level=logging.WARNING, configure_logging=True)
 
 

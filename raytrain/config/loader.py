@@ -127,9 +127,7 @@ def _loc_text(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
 def format_validation_error(err: ValidationError, raw: dict[str, Any], source: str) -> str:
     errors = []
     for e in err.errors():
-        # Union members ("str", "InitFromConfig", "function-after[...]") appear in loc; drop them.
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and _is_union_tag(p)))
-        errors.append((loc, e))
+        errors.append((_real_loc(e["loc"], raw, missing=e["type"] == "missing"), e))
     # For a union, keep the errors of the member the user evidently meant (the deeper ones).
     errors = [(loc, e) for loc, e in errors
               if not any(len(o) > len(loc) and o[: len(loc)] == loc for o, _ in errors)]
@@ -150,8 +148,30 @@ def format_validation_error(err: ValidationError, raw: dict[str, Any], source: s
     return "\n".join(lines)
 
 
-def _is_union_tag(part: str) -> bool:
-    return part.startswith("function-") or part[:1].isupper() or part in ("str", "list[str]") or part.startswith("literal[")
+def _real_loc(loc: tuple[Any, ...], raw: Any, missing: bool) -> tuple[Any, ...]:
+    """Drop pydantic's union-member tags ("str", "InitFromConfig", "function-after[...]") from a
+    location by walking the user's own data: a part that is a key of the data is real."""
+    out: list[Any] = []
+    node = raw
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(part, int) and isinstance(node, list) and part < len(node):
+            out.append(part)
+            node = node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and part in node:
+            out.append(part)
+            node = node[part]
+        elif last and missing and isinstance(part, str) and not part.startswith("function-"):
+            out.append(part)  # a required key the user left out
+        elif not isinstance(node, dict | list) or isinstance(part, int) or part not in node:
+            # The data was reshaped by a validator (e.g. `train: {a: 1}` became a list): keep what
+            # does not look like a union tag.
+            if isinstance(part, int) or not (part.startswith(("function-", "literal[")) or part[:1].isupper()
+                                             or part in ("str", "int", "float", "bool", "list[str]")):
+                out.append(part)
+            node = None
+    return tuple(out)
+
 
 
 def _merge_defaults(raw: dict[str, Any]) -> dict[str, Any]:
@@ -187,12 +207,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         apply_override(raw, parts, value)
     merged = _merge_defaults(raw)
     try:
-        return PipelineConfig.model_validate(merged)
+        cfg = PipelineConfig.model_validate(merged)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, merged, source)) from None
+    cfg._raw = raw
+    return cfg
 
 
 def validate_update(cfg: PipelineConfig, overrides: list[str]) -> PipelineConfig:
     """Re-validate after overrides (sweeps): never `model_copy(update=...)`, which skips validation."""
-    raw = cfg.model_dump(mode="json")
+    raw = cfg._raw if cfg._raw is not None else cfg.model_dump(mode="json")
     return load_config(raw=raw, overrides=overrides)

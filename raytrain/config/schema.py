@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -195,6 +195,7 @@ class PipelineConfig(Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     defaults: dict[str, Any] = Field(default_factory=dict, description="merged into every phase")
     phases: list[PhaseConfig] = Field(min_length=1)
+    _raw: dict[str, Any] | None = PrivateAttr(None)  # the YAML before defaults were merged (sweeps)
 
     def phase(self, name: str) -> PhaseConfig:
         for p in self.phases:

@@ -293,8 +293,10 @@ class PhaseRunner:
     def run(self) -> None:
         self.setup()
         phase = self.phase
-        start_step, t0 = self.step, time.perf_counter()
+        start_step = self.step
+        last_log = (start_step, time.perf_counter())
         bad_in_row, metrics = 0, {}
+        warm_step, t_warm = start_step + max(1, min(10, (phase.max_steps - start_step) // 5)), None
         fail_marker = Path(self.cfg["phase_dir"]) / ".fail_at_step.done"
         while self.step < phase.max_steps:
             out = self.train_step()
@@ -310,8 +312,14 @@ class PhaseRunner:
                 continue
             bad_in_row, metrics = 0, out
             step = self.step
+            if step == warm_step:
+                t_warm = time.perf_counter()
+            if step == phase.max_steps and t_warm is not None:  # steady state, start-up excluded
+                out["perf/steps_per_s"] = (step - warm_step) / max(time.perf_counter() - t_warm, 1e-9)
             if step % phase.log_every == 0 or step == phase.max_steps:
-                rate = (step - start_step) / max(time.perf_counter() - t0, 1e-9)
+                now = time.perf_counter()  # rate over the last window: start-up does not skew the ETA
+                rate = (step - last_log[0]) / max(now - last_log[1], 1e-9)
+                last_log = (step, now)
                 self._emit("progress", step=step, max_steps=phase.max_steps, lr=self.sched.get_last_lr()[0],
                            rate=rate, metrics=out)
             if phase.eval and (step % phase.eval_every == 0 or step == phase.max_steps):

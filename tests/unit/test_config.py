@@ -139,8 +139,6 @@ def test_error_names_the_yaml_file(tmp_path) -> None:
     assert str(info.value).startswith(f"{path}: invalid config")
 
 
-@pytest.mark.xfail(strict=True, reason="loader._is_union_tag drops loc parts starting with an uppercase "
-                   "letter, so a capitalised unknown key crashes with IndexError instead of ConfigError")
 def test_unknown_capitalised_key_is_a_config_error() -> None:
     msg = load_error(raw(Seed=1))
     assert "Seed: unknown key. Did you mean 'seed'?" in msg
@@ -345,8 +343,6 @@ def test_validate_update_applies_and_revalidates() -> None:
         validate_update(cfg, ["phases.1.optim.lrr=1"])
 
 
-@pytest.mark.xfail(strict=True, reason="validate_update dumps every phase with all its fields filled, so a "
-                   "`defaults.*` override is silently overridden by the phases' dumped values")
 def test_validate_update_defaults_override_reaches_phases() -> None:
     cfg = load_config(raw=raw())
     new = validate_update(cfg, ["defaults.optim.weight_decay=0.5"])

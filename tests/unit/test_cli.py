@@ -1,0 +1,101 @@
+"""`raytrain plan` through the CLI entry point: exit codes, stdout table, stderr errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from raytrain.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = dict(sample_rate=8000, enc_kernel_size=16, enc_num_feats=32, msk_num_feats=32, msk_num_hidden_feats=64,
+            msk_num_layers=2, msk_num_stacks=1)
+
+
+def write_config(tmp_path: Path, mutate: Any = None) -> Path:
+    raw: dict[str, Any] = {
+        "name": "cli_test",
+        "data": {"train": {"shards": str(tmp_path / "shards" / "train")}},
+        "model": {"name": "convtasnet", "args": dict(TINY)},
+        "defaults": {"train": ["train"], "losses": {"si_sdr_pit": 1.0}, "optim": {"lr": 1e-3}},
+        "phases": [{"name": "first", "max_steps": 20}, {"name": "second", "init_from": "first", "max_steps": 10}],
+    }
+    if mutate:
+        mutate(raw)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_plan_prints_table(tmp_path, capsys) -> None:
+    path = write_config(tmp_path)
+    assert main(["plan", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.startswith("pipeline cli_test (seed 0, 2 phases)\n")
+    assert "[0] first  (train)" in out and "[1] second  (train)" in out
+    assert "    train  train x1: NOT PREPARED (no _manifest.json)" in out
+    assert "    init     phase first (best)" in out
+    assert "20 steps" in out and "10 steps" in out
+
+
+def test_plan_with_overrides(tmp_path, capsys) -> None:
+    path = write_config(tmp_path)
+    code = main(["plan", str(path), "-o", "phases.second.max_steps=33", "--override", "phases.0.optim.lr=3e-4"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "33 steps" in out and "adamw lr 0.0003" in out
+
+
+def test_misspelt_key_exits_2_naming_the_key(tmp_path, capsys) -> None:
+    path = write_config(tmp_path, lambda r: r["phases"][1].update(max_step=5))
+    assert main(["plan", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"error: {path}: invalid config (1 problem)")
+    assert "phases[1](second).max_step: unknown key. Did you mean 'max_steps'?" in err
+
+
+def test_misspelt_override_exits_2(tmp_path, capsys) -> None:
+    path = write_config(tmp_path)
+    assert main(["plan", str(path), "-o", "phases.0.optim.lrr=1"]) == 2
+    assert "phases[0](first).optim.lrr: unknown key. Did you mean 'lr'?" in capsys.readouterr().err
+    assert main(["plan", str(path), "-o", "phases.secnd.max_steps=1"]) == 2
+    assert "no list entry named 'secnd'; did you mean 'second'?" in capsys.readouterr().err
+
+
+def test_freeze_pattern_matching_nothing_exits_2(tmp_path, capsys) -> None:
+    path = write_config(tmp_path, lambda r: r["phases"][1].update(freeze=["net.encodr.*"]))
+    assert main(["plan", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("error: the pipeline has problems:")
+    assert "phases[1](second).freeze: pattern 'net.encodr.*' matches no parameter" in err
+
+
+def test_missing_config_file_exits_2(tmp_path, capsys) -> None:
+    assert main(["plan", str(tmp_path / "nope.yaml")]) == 2
+    assert f"error: {tmp_path / 'nope.yaml'}: config file not found" in capsys.readouterr().err
+
+
+def test_plan_shipped_tiny_pipeline(monkeypatch, tmp_path, capsys) -> None:
+    monkeypatch.chdir(tmp_path)  # relative data paths resolve here: never prepared
+    assert main(["plan", str(REPO / "configs" / "pipelines" / "separation_tiny.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("pipeline separation_tiny (seed 1234, 2 phases)\n")
+    assert "[0] short  (train)" in out and "[1] long  (train)" in out
+    assert "    init     phase short (best)" in out
+    assert "    optim    adam lr 0.002, warmup 50, constant" in out
+    assert "    gates    eval/si_sdri >=5" in out
+    assert "NOT PREPARED" in out
+
+
+def test_parser_needs_a_command(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([])
+    assert info.value.code == 2
+    args = build_parser().parse_args(["plan", "x.yaml", "-o", "a=1", "-o", "b=2"])
+    assert args.config == "x.yaml" and args.override == ["a=1", "b=2"]
