@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from typing import Any
 
 import torch
 
@@ -16,19 +17,19 @@ def param_groups(model: torch.nn.Module, phase: PhaseConfig, where: str = "phase
     use the phase's `optim` values. Frozen parameters never enter the optimizer."""
     named = [(n.removeprefix("module."), p) for n, p in model.named_parameters()]
     names = [n for n, _ in named]
-    groups: list[dict] = []
-    for i, g in enumerate(phase.param_groups):
-        check_patterns(names, g.patterns, f"{where}.param_groups[{i}].params")
-        groups.append({"params": [], "names": [], "lr": g.lr or phase.optim.lr,
-                       "weight_decay": phase.optim.weight_decay if g.weight_decay is None else g.weight_decay,
-                       "pattern": g.params})
-    rest = {"params": [], "names": [], "lr": phase.optim.lr, "weight_decay": phase.optim.weight_decay,
+    groups: list[dict[str, Any]] = []
+    for i, cfg in enumerate(phase.param_groups):
+        check_patterns(names, cfg.patterns, f"{where}.param_groups[{i}].params")
+        groups.append({"params": [], "names": [], "lr": cfg.lr or phase.optim.lr,
+                       "weight_decay": phase.optim.weight_decay if cfg.weight_decay is None else cfg.weight_decay,
+                       "pattern": cfg.params})
+    rest: dict[str, Any] = {"params": [], "names": [], "lr": phase.optim.lr, "weight_decay": phase.optim.weight_decay,
             "pattern": "(default)"}
     for name, p in named:
         if not p.requires_grad:
             continue
-        g = next((grp for grp, cfg in zip(groups, phase.param_groups, strict=True)
-                  if any(fnmatch.fnmatchcase(name, pat) for pat in cfg.patterns)), rest)
+        g = next((grp for grp, pg in zip(groups, phase.param_groups, strict=True)
+                  if any(fnmatch.fnmatchcase(name, pat) for pat in pg.patterns)), rest)
         g["params"].append(p)
         g["names"].append(name)
     out = [g for g in [*groups, rest] if g["params"]]

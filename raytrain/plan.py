@@ -112,8 +112,8 @@ def check_pipeline(pipe: PipelineConfig, *, require_data: bool = False) -> list[
             shapes = _model_names(pipe, phase)
             names = list(shapes)
             frozen = frozen_names(names, phase, where)
-            for j, g in enumerate(phase.param_groups):
-                check_patterns(names, g.patterns, f"{where}.param_groups[{j}].params")
+            for j, group in enumerate(phase.param_groups):
+                check_patterns(names, group.patterns, f"{where}.param_groups[{j}].params")
             plan.n_frozen = sum(shapes[n].numel() for n in frozen)
             plan.n_trainable = sum(s.numel() for n, s in shapes.items() if n not in frozen)
             if plan.n_trainable == 0:

@@ -47,7 +47,7 @@ class EventPump:
         import ray
 
         try:
-            ray.kill(self.queue.actor)
+            ray.kill(self.queue.actor)  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - the queue may already be gone with the cluster
             pass
 

@@ -114,8 +114,8 @@ class PhaseConfig(Strict):
     metrics: list[str] = Field(default_factory=list)
     transforms: list[TransformConfig] = Field(default_factory=list)
     eval_transforms: list[TransformConfig] = Field(default_factory=list)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig())
+    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig())
     param_groups: list[ParamGroupConfig] = Field(default_factory=list)
     batch_size: int = Field(8, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)
@@ -191,8 +191,8 @@ class PipelineConfig(Strict):
     runs_dir: str = "runs"
     data: dict[str, DatasetConfig]
     model: ModelConfig
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    scaling: ScalingConfig = Field(default_factory=lambda: ScalingConfig())
+    tracking: TrackingConfig = Field(default_factory=lambda: TrackingConfig())
     defaults: dict[str, Any] = Field(default_factory=dict, description="merged into every phase")
     phases: list[PhaseConfig] = Field(min_length=1)
     _raw: dict[str, Any] | None = PrivateAttr(None)  # the YAML before defaults were merged (sweeps)

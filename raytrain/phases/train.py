@@ -70,7 +70,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+    inner = getattr(model, "module", model)  # DDP wraps the model as .module
+    return inner if isinstance(inner, torch.nn.Module) else model
 
 
 class _Reducer:
@@ -197,7 +198,8 @@ class PhaseRunner:
         for micro in range(phase.grad_accum):
             batch = self._to_device(next(self.stream))
             last = micro == phase.grad_accum - 1
-            sync = contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()
+            # DDP: no gradient all-reduce on accumulation steps, only on the last micro-batch.
+            sync = contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()  # type: ignore[operator]
             with sync:
                 loss, part_vals = self._losses(batch)
                 self.scaler.scale(loss / phase.grad_accum).backward()

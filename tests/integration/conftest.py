@@ -10,6 +10,9 @@ import pytest
 import yaml
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single-node Ray on 127.0.0.1 only
+# Ray workers inherit this, so test configs can name user parts as "tests.integration._faults:nan_loss".
+ROOT = Path(__file__).resolve().parents[2]
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 TINY_MODEL = {"name": "convtasnet", "args": {
     "sample_rate": 8000, "num_sources": 2, "enc_kernel_size": 16, "enc_num_feats": 16, "msk_kernel_size": 3,
@@ -39,7 +42,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ray_local() -> Any:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")  # dashboard: State API for Train
     yield ray
     ray.shutdown()
 

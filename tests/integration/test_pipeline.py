@@ -116,3 +116,41 @@ def test_unmet_gate_stops_the_pipeline_with_a_clear_message(corpus: Path, ray_lo
     summary = json.loads((runner.run_dir / "summary.json").read_text())
     assert summary["phases"]["b"]["status"] == "gate_failed"
     assert summary["status"] == "failed"
+
+
+def test_nan_guard_skips_steps_then_aborts_with_a_clear_error(corpus: Path, ray_local: Any, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    raw = pipeline_dict(corpus, tmp_path)
+    raw["phases"] = [{"name": "a", "max_steps": 20, "max_bad_steps": 3,
+                      "losses": {"tests.integration._faults:nan_loss": 1.0}}]
+    runner = PipelineRunner(load_config(raw=raw), progress=False)
+    with pytest.raises(PipelineError, match=r"phase 'a' failed: NonFiniteLossError: phase 'a': 3 non-finite "
+                                            r"steps in a row at step 0\. Lower optim.lr"):
+        runner.run()
+    summary = json.loads((runner.run_dir / "summary.json").read_text())
+    assert summary["phases"]["a"]["status"] == "failed"
+    client = MlflowClient(tracking_uri=summary["mlflow_uri"])
+    assert client.get_run(summary["phases"]["a"]["mlflow_run_id"]).info.status == "FAILED"
+    assert client.get_run(summary["mlflow_run_id"]).info.status == "FAILED"
+
+
+def test_two_ddp_workers_with_frozen_params_and_grad_accum(corpus: Path, ray_local: Any, tmp_path: Path) -> None:
+    raw = pipeline_dict(corpus, tmp_path)
+    raw["scaling"] = {"num_workers": 2}  # 0.5 CPU each on 2 CPUs: one CPU stays free for Ray Data
+    raw["phases"] = [{"name": "a", "max_steps": 4, "grad_accum": 2, "eval_every": 4, "checkpoint_every": 4,
+                      "freeze": ["net.encoder.*"]}]
+    summary = PipelineRunner(load_config(raw=raw), progress=False).run()
+    entry = summary["phases"]["a"]
+    assert entry["status"] == "finished" and entry["steps"] == 4
+    # Eval sums and counts are all-reduced: the mean covers all 8 dev mixtures across both ranks.
+    assert np.isfinite(entry["final_metrics"]["eval/si_sdri"])
+    from raytrain.models import build_model
+
+    from .conftest import TINY_MODEL
+
+    torch.manual_seed(7 * 1000)  # rank 0's seed: the frozen encoder must still be its fresh init
+    fresh = build_model(TINY_MODEL["name"], dict(TINY_MODEL["args"])).state_dict()
+    end = load_weights(entry["last_checkpoint"])
+    assert torch.equal(fresh["net.encoder.weight"], end["net.encoder.weight"])
+    assert not torch.equal(fresh["net.mask_generator.output_conv.weight"], end["net.mask_generator.output_conv.weight"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 
 import pytest
 import soundfile as sf
@@ -17,7 +16,7 @@ from datasets_prep.readers.espeak import (
     voice_pool,
 )
 
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+needs_espeak = pytest.mark.usefixtures()  # espeak-ng is installed by `make test`; without it these fail loudly
 
 
 def _digest(folder) -> dict[str, str]:

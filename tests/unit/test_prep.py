@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +84,6 @@ def test_prep_config_errors_name_the_key(tmp_path):
         load_prep_config(CONFIG, {"generator.utterances_per_voice": 1000})
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 def test_prep_end_to_end_and_rerun_skips(tmp_path, capsys):
     out = run_prep(CONFIG, overrides=TINY, root=tmp_path)
     base = tmp_path / "data" / "shards" / "espeak_sep_tiny"
