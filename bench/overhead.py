@@ -77,10 +77,24 @@ def plain_loop(folder: Path, steps: int, batch: int, warm: int) -> float:
         loss = loss_fn(model(b), b)
         loss.backward()
         opt.step()
-        float(loss)  # a real loop logs the loss: one sync per step, as raytrain does
+        float(loss.detach())  # a real loop logs the loss: one sync per step, as raytrain does
         if step == warm:
             t_warm = time.perf_counter()
     return (steps - warm) / (time.perf_counter() - t_warm)
+
+
+def plain_loop_in_ray_worker(folder: Path, steps: int, batch: int, warm: int, out: Path) -> float:
+    """The same plain loop inside a Ray Train worker (its thread, niceness, Ray's daemons around it):
+    what any Ray Train user pays before raytrain adds anything."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def fn(cfg: dict) -> None:
+        out.write_text(str(plain_loop(Path(cfg["folder"]), steps, batch, warm)))
+
+    TorchTrainer(fn, train_loop_config={"folder": str(folder)},
+                 scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1})).fit()
+    return float(out.read_text())
 
 
 def raytrain_loop(folder: Path, runs: Path, steps: int, batch: int) -> tuple[float, float]:
@@ -97,7 +111,9 @@ def raytrain_loop(folder: Path, runs: Path, steps: int, batch: int) -> tuple[flo
     t0 = time.perf_counter()
     summary = PipelineRunner(load_config(raw=raw), progress=False).run()
     wall = time.perf_counter() - t0
-    return summary["phases"]["train"]["final_metrics"]["perf/steps_per_s"], wall
+    m = summary["phases"]["train"]["final_metrics"]
+    print(f"raytrain: data wait {100 * m['perf/data_wait_frac']:.1f}% of steady-state time")
+    return m["perf/steps_per_s"], wall
 
 
 def main() -> int:
@@ -112,12 +128,15 @@ def main() -> int:
         folder, runs = Path(tmp) / "shards", Path(tmp) / "runs"
         make_shards(folder, args.rows)
         plain = plain_loop(folder, args.steps, args.batch, warm)
-        rt, wall = raytrain_loop(folder, runs, args.steps, args.batch)
+        rt, wall = raytrain_loop(folder, runs, args.steps, args.batch)  # starts the local Ray
+        in_worker = plain_loop_in_ray_worker(folder, args.steps, args.batch, warm, Path(tmp) / "rate.txt")
     train_s = (args.steps - warm) / rt + warm / rt
     ratio = rt / plain
     print(f"\nsteps {args.steps}, batch {args.batch} x 1 s at {SR} Hz, steady state after step {warm}")
     print(f"  plain PyTorch loop   {plain:7.2f} steps/s")
     print(f"  raytrain worker loop {rt:7.2f} steps/s")
+    print(f"  plain loop inside a Ray Train worker {in_worker:7.2f} steps/s "
+          f"(raytrain / this = {rt / in_worker:.3f}: raytrain's own cost apart from Ray's)")
     print(f"  ratio (raytrain / plain) {ratio:.3f}")
     print(f"  raytrain fixed start-up and teardown: {wall - train_s:.1f} s "
           f"(Ray, MLflow, datasets, worker group, checkpoint) of {wall:.1f} s wall")

@@ -122,8 +122,7 @@ class PhaseRunner:
         if self.device.type == "cpu":
             if self.cfg.get("threads"):
                 torch.set_num_threads(int(self.cfg["threads"]))
-            # Denormal floats make CPU convolutions several times slower (measured 7x on ConvTasNet).
-            torch.set_flush_denormal(True)
+            torch.set_flush_denormal(True)  # denormal floats can make CPU kernels much slower
         seed_everything(self.pipe.seed * 1000 + self.rank)
         mcfg = self.pipe.phase_model(phase)
         model = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
@@ -196,7 +195,9 @@ class PhaseRunner:
         total, parts_sum = torch.zeros((), device=self.device), {n: 0.0 for n in self.loss_fns}
         part_vals: dict[str, torch.Tensor] = {}
         for micro in range(phase.grad_accum):
+            t_wait = time.perf_counter()
             batch = self._to_device(next(self.stream))
+            self.data_wait_s += time.perf_counter() - t_wait
             last = micro == phase.grad_accum - 1
             # DDP: no gradient all-reduce on accumulation steps, only on the last micro-batch.
             sync = contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()  # type: ignore[operator]
@@ -299,6 +300,7 @@ class PhaseRunner:
         last_log = (start_step, time.perf_counter())
         bad_in_row, metrics = 0, {}
         warm_step, t_warm = start_step + max(1, min(10, (phase.max_steps - start_step) // 5)), None
+        wait_at_warm, self.data_wait_s = 0.0, 0.0
         fail_marker = Path(self.cfg["phase_dir"]) / ".fail_at_step.done"
         while self.step < phase.max_steps:
             out = self.train_step()
@@ -315,9 +317,11 @@ class PhaseRunner:
             bad_in_row, metrics = 0, out
             step = self.step
             if step == warm_step:
-                t_warm = time.perf_counter()
+                t_warm, wait_at_warm = time.perf_counter(), self.data_wait_s
             if step == phase.max_steps and t_warm is not None:  # steady state, start-up excluded
-                out["perf/steps_per_s"] = (step - warm_step) / max(time.perf_counter() - t_warm, 1e-9)
+                span = max(time.perf_counter() - t_warm, 1e-9)
+                out["perf/steps_per_s"] = (step - warm_step) / span
+                out["perf/data_wait_frac"] = (self.data_wait_s - wait_at_warm) / span
             if step % phase.log_every == 0 or step == phase.max_steps:
                 now = time.perf_counter()  # rate over the last window: start-up does not skew the ETA
                 rate = (step - last_log[0]) / max(now - last_log[1], 1e-9)
