@@ -128,7 +128,10 @@ def main() -> int:
         folder, runs = Path(tmp) / "shards", Path(tmp) / "runs"
         make_shards(folder, args.rows)
         plain = plain_loop(folder, args.steps, args.batch, warm)
-        rt, wall = raytrain_loop(folder, runs, args.steps, args.batch)  # starts the local Ray
+        # The first pipeline run after Ray starts pays for Ray's own start-up churn (idle workers,
+        # agents, Ray Data task workers being spawned): count it as start-up, measure the second run.
+        _, first_wall = raytrain_loop(folder, runs, max(20, warm + 5), args.batch)
+        rt, wall = raytrain_loop(folder, runs, args.steps, args.batch)
         in_worker = plain_loop_in_ray_worker(folder, args.steps, args.batch, warm, Path(tmp) / "rate.txt")
     train_s = (args.steps - warm) / rt + warm / rt
     ratio = rt / plain
@@ -138,8 +141,10 @@ def main() -> int:
     print(f"  plain loop inside a Ray Train worker {in_worker:7.2f} steps/s "
           f"(raytrain / this = {rt / in_worker:.3f}: raytrain's own cost apart from Ray's)")
     print(f"  ratio (raytrain / plain) {ratio:.3f}")
-    print(f"  raytrain fixed start-up and teardown: {wall - train_s:.1f} s "
-          f"(Ray, MLflow, datasets, worker group, checkpoint) of {wall:.1f} s wall")
+    print(f"  raytrain fixed cost per phase (worker group, datasets, MLflow runs, checkpoint): "
+          f"{wall - train_s:.1f} s of {wall:.1f} s wall")
+    print(f"  first pipeline run after starting Ray (Ray start-up included): {first_wall:.1f} s wall "
+          f"for {max(20, warm + 5)} steps")
     if args.min_ratio is not None and ratio < args.min_ratio:
         print(f"FAIL: ratio {ratio:.3f} < {args.min_ratio}")
         return 1

@@ -1,0 +1,1 @@
+"""Shards -> Ray Datasets (driver) and deterministic batch streams (workers)."""
