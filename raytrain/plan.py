@@ -160,7 +160,7 @@ def format_plan(pipe: PipelineConfig, plans: list[PhasePlan]) -> str:
             weight = next((f" x{s.weight:g}" for s in ph.train if s.name == name and role == "train"), "")
             info = (f"{m['rows']:,} rows, {m['hours']:.2f} h, {m.get('num_speakers', '?')} speakers, "
                     f"{m['sample_rate']} Hz, {m['kind']}") if m else "NOT PREPARED (no _manifest.json)"
-            lines.append(f"    {role:<6} {name}{weight}: {info}")
+            lines.append(f"    {role:<8} {name}{weight}: {info}")
         lines.append(f"    init     {p.init}")
         lines.append(f"    params   {_fmt_count(p.n_trainable)} trainable, {_fmt_count(p.n_frozen)} frozen")
         lines.append(f"    losses   {', '.join(f'{k} x{v:g}' for k, v in ph.losses.items())}"

@@ -37,7 +37,7 @@ def test_plan_prints_table(tmp_path, capsys) -> None:
     assert err == ""
     assert out.startswith("pipeline cli_test (seed 0, 2 phases)\n")
     assert "[0] first  (train)" in out and "[1] second  (train)" in out
-    assert "    train  train x1: NOT PREPARED (no _manifest.json)" in out
+    assert "    train    train x1: NOT PREPARED (no _manifest.json)" in out
     assert "    init     phase first (best)" in out
     assert "20 steps" in out and "10 steps" in out
 

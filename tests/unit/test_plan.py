@@ -65,8 +65,8 @@ def test_unprepared_data_plans_without_require_data(tmp_path) -> None:
                                                                          ("eval", "dev", None)]
     text = format_plan(cfg, plans)
     assert text.startswith("pipeline plan_test (seed 7, 2 phases)\n")
-    assert "    train  train x1: NOT PREPARED (no _manifest.json)" in text
-    assert "    eval   dev: NOT PREPARED (no _manifest.json)" in text
+    assert "    train    train x1: NOT PREPARED (no _manifest.json)" in text
+    assert "    eval     dev: NOT PREPARED (no _manifest.json)" in text
     assert plans[0].sample_rate == 8000
 
 
@@ -86,8 +86,8 @@ def test_prepared_data_shows_rows_and_hours(tmp_path) -> None:
     manifest = plans[0].datasets[0][2]
     assert manifest is not None and manifest["rows"] == 4
     text = format_plan(cfg, plans)
-    assert "    train  train x1: 4 rows, 0.01 h, 2 speakers, 8000 Hz, speech" in text
-    assert "    eval   dev: 2 rows, 0.00 h, 2 speakers, 8000 Hz, speech" in text
+    assert "    train    train x1: 4 rows, 0.01 h, 2 speakers, 8000 Hz, speech" in text
+    assert "    eval     dev: 2 rows, 0.00 h, 2 speakers, 8000 Hz, speech" in text
     assert "NOT PREPARED" not in text
 
 
@@ -96,8 +96,8 @@ def test_train_weights_show_in_table(tmp_path) -> None:
     raw["phases"][0]["train"] = {"train": 3, "dev": 1}
     cfg = load_config(raw=raw)
     text = format_plan(cfg, check_pipeline(cfg))
-    assert "    train  train x3: NOT PREPARED" in text
-    assert "    train  dev x1: NOT PREPARED" in text
+    assert "    train    train x3: NOT PREPARED" in text
+    assert "    train    dev x1: NOT PREPARED" in text
 
 
 def test_unknown_dataset_name_suggests(tmp_path) -> None:
