@@ -158,8 +158,8 @@ class PipelineRunner:
                               {k: v.shape for k, v in model.state_dict().items()},
                               InitFromConfig(**init["rules"]), init["path"])
         js, txt = report.save(phase_dir)
-        print(report.to_table() if len(report.to_table().splitlines()) < 40 else
-              "\n".join(report.to_table().splitlines()[:1]) + f"\n  (full table: {txt})")
+        lines = report.to_table().splitlines()
+        print("\n".join(lines) if len(lines) < 40 else f"{lines[0]}\n  (full table: {txt})")
         self.tracker.artifact(run_id, js)
         self.tracker.artifact(run_id, txt)
 
