@@ -187,7 +187,7 @@ class PipelineRunner:
         use_gpu, resources, threads = worker_resources(self.pipe, phase)
         sc = self.pipe.phase_scaling(phase)
         metric, mode = phase.best
-        data = {n: d.shards for n, d in self.pipe.data.items()}
+        data: dict[str, tuple[str, str]] = {n: (d.shards, d.cache) for n, d in self.pipe.data.items()}
         pump = EventPump(phase.name, phase.max_steps, self.tracker, run_id, progress=self.progress)
         from ray.data import DataContext
 

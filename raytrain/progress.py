@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from typing import Any
 
 
@@ -18,7 +17,7 @@ class EventPump:
     """Context manager: owns the queue actor and a thread that drains it."""
 
     def __init__(self, phase: str, max_steps: int, tracker: Any, run_id: str | None,
-                 progress: bool | None = None, poll_s: float = 0.2) -> None:
+                 progress: bool | None = None, poll_s: float = 1.0) -> None:
         from ray.util.queue import Queue
 
         self.phase, self.max_steps, self.tracker, self.run_id = phase, max_steps, tracker, run_id
@@ -52,9 +51,20 @@ class EventPump:
             pass
 
     def _loop(self) -> None:
+        # A long poll (one RPC per event or per `poll_s`), not a busy poll: on a small machine every
+        # wake-up of the driver and the queue actor is CPU taken from the training worker.
+        from ray.util.queue import Empty
+
         while not self._stop.is_set():
+            try:
+                self.handle(self.queue.get(block=True, timeout=self.poll_s))
+            except Empty:
+                continue
+            except Exception:  # noqa: BLE001 - queue gone at shutdown
+                if self._stop.wait(self.poll_s):
+                    return
+                continue
             self._drain()
-            time.sleep(self.poll_s)
 
     def _drain(self) -> None:
         try:

@@ -34,6 +34,10 @@ class ScalingConfig(Strict):
 
 class DatasetConfig(Strict):
     shards: str
+    cache: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: read and decode once per phase and keep the rows in Ray's object store; "
+                            "stream: read the shards again every epoch; auto: memory when the decoded audio "
+                            "needs at most a quarter of the object store")
 
 
 class TrainSource(Strict):

@@ -26,7 +26,9 @@ def to_model_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Pre-mixed rows (mix, s1, s2 …) -> mix (B, T), sources (B, S, T), lengths (B,)."""
     src_keys = sorted(k for k in batch if k[:1] == "s" and k[1:].isdigit())
     if src_keys:
-        batch["sources"] = torch.stack([batch.pop(k) for k in src_keys], dim=1)
+        # numpy, not torch.stack: this runs in Ray Data's collate thread, and a torch op there
+        # starts a second OpenMP team that fights the training thread's team for the cores.
+        batch["sources"] = torch.from_numpy(np.stack([batch.pop(k).numpy() for k in src_keys], axis=1))
         for k in src_keys:
             batch.pop(f"{k}_lengths", None)
     return batch

@@ -105,7 +105,8 @@ def test_infer_separates_a_new_file_at_its_own_rate(finished_run: dict[str, Any]
         assert sr == 16000 and len(data) == len(mix) and np.abs(data).max() > 0
 
 
-def test_unmet_gate_stops_the_pipeline_with_a_clear_message(corpus: Path, ray_local: Any, tmp_path: Path) -> None:
+def test_unmet_gate_stops_the_pipeline_with_a_clear_message(corpus: Path, ray_local: Any, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     raw = pipeline_dict(corpus, tmp_path, gates=[{"metric": "eval/si_sdri", "min": 90.0}])
     raw["phases"][0]["max_steps"] = 2
     raw["phases"][0]["checkpoint_every"] = 2
@@ -116,6 +117,8 @@ def test_unmet_gate_stops_the_pipeline_with_a_clear_message(corpus: Path, ray_lo
     summary = json.loads((runner.run_dir / "summary.json").read_text())
     assert summary["phases"]["b"]["status"] == "gate_failed"
     assert summary["status"] == "failed"
+    # cache: auto holds the small corpus in memory: read and decoded once per phase, not every epoch.
+    assert capsys.readouterr().out.count("data train: read and decoded once") == 2
 
 
 def test_nan_guard_skips_steps_then_aborts_with_a_clear_error(corpus: Path, ray_local: Any, tmp_path: Path) -> None:
@@ -135,8 +138,10 @@ def test_nan_guard_skips_steps_then_aborts_with_a_clear_error(corpus: Path, ray_
     assert client.get_run(summary["mlflow_run_id"]).info.status == "FAILED"
 
 
-def test_two_ddp_workers_with_frozen_params_and_grad_accum(corpus: Path, ray_local: Any, tmp_path: Path) -> None:
+def test_two_ddp_workers_with_frozen_params_and_grad_accum(corpus: Path, ray_local: Any, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     raw = pipeline_dict(corpus, tmp_path)
+    raw["data"]["train"]["cache"] = "stream"  # the cluster-scale path: shards streamed, split across workers
     raw["scaling"] = {"num_workers": 2}  # 0.5 CPU each on 2 CPUs: one CPU stays free for Ray Data
     raw["phases"] = [{"name": "a", "max_steps": 4, "grad_accum": 2, "eval_every": 4, "checkpoint_every": 4,
                       "freeze": ["net.encoder.*"]}]
@@ -154,3 +159,5 @@ def test_two_ddp_workers_with_frozen_params_and_grad_accum(corpus: Path, ray_loc
     end = load_weights(entry["last_checkpoint"])
     assert torch.equal(fresh["net.encoder.weight"], end["net.encoder.weight"])
     assert not torch.equal(fresh["net.mask_generator.output_conv.weight"], end["net.mask_generator.output_conv.weight"])
+    out = capsys.readouterr().out
+    assert "data train: read and decoded once" not in out and "data dev: read and decoded once" in out
