@@ -196,11 +196,12 @@ class PipelineRunner:
         data_ctx.print_on_execution_start = False
         exec_opts = data_ctx.execution_options
         exec_opts.preserve_order = True  # same batch order every run: exact mid-phase resume
+        datasets, held = phase_datasets(data, [s.name for s in phase.train], phase.eval)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"pipeline": self.pipe.model_dump(mode="json"), "phase": phase.name,
                                "phase_dir": str(phase_dir), "init": init, "events": pump.queue,
-                               "threads": None if use_gpu else threads,
+                               "threads": None if use_gpu else threads, "hold": held,
                                "sample_rate": self.plans[phase.name].sample_rate},
             scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=use_gpu,
                                                    resources_per_worker=resources),
@@ -209,7 +210,7 @@ class PipelineRunner:
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="score",
                                                              checkpoint_score_order=mode),
                 failure_config=ray.train.FailureConfig(max_failures=sc.max_failures)),
-            datasets=phase_datasets(data, [s.name for s in phase.train], phase.eval),
+            datasets=datasets,
             dataset_config=ray.train.DataConfig(execution_options=exec_opts),
         )
         t0 = time.time()

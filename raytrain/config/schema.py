@@ -35,9 +35,10 @@ class ScalingConfig(Strict):
 class DatasetConfig(Strict):
     shards: str
     cache: Literal["auto", "memory", "stream"] = Field(
-        "auto", description="memory: read and decode once per phase and keep the rows in Ray's object store; "
-                            "stream: read the shards again every epoch; auto: memory when the decoded audio "
-                            "needs at most a quarter of the object store")
+        "auto", description="memory: read and decode once per phase into Ray's object store; each worker "
+                            "keeps its rows after its first epoch and reshuffles them every epoch. stream: "
+                            "read the shards again every epoch. auto: memory when the decoded audio needs at "
+                            "most a quarter of the object store")
 
 
 class TrainSource(Strict):

@@ -86,25 +86,31 @@ def should_cache(cache: str, manifest: dict[str, Any], store_bytes: float) -> bo
     return decoded_bytes(manifest) <= CACHE_FRACTION * store_bytes
 
 
-def open_dataset(name: str, path: str, cache: str = "auto") -> Any:
-    """`read_dataset`, materialized in the object store when `should_cache` says so."""
+def open_dataset(name: str, path: str, cache: str = "auto") -> tuple[Any, bool]:
+    """(`read_dataset`, materialized in the object store when `should_cache` says so; whether it was)."""
     import ray
 
     ds = read_dataset(path)
     store = float(ray.available_resources().get("object_store_memory", 0.0))
     manifest = read_manifest(path)
     if not should_cache(cache, manifest, store):
-        return ds
+        return ds, False
     t0 = time.perf_counter()
     ds = ds.materialize()
     print(f"data {name}: read and decoded once, {decoded_bytes(manifest) / 1e6:.0f} MB held in memory "
           f"({time.perf_counter() - t0:.1f} s)")
-    return ds
+    return ds, True
 
 
-def phase_datasets(data: dict[str, tuple[str, str]], train: list[str], eval_name: str | None) -> dict[str, Any]:
-    """`{"train:<name>": ds, ..., "eval": ds}` for a phase; `data` maps names to (resolved folder, cache)."""
-    out = {f"train:{name}": open_dataset(name, *data[name]) for name in train}
+def phase_datasets(data: dict[str, tuple[str, str]], train: list[str], eval_name: str | None
+                   ) -> tuple[dict[str, Any], list[str]]:
+    """(`{"train:<name>": ds, ..., "eval": ds}`, the train datasets held in memory) for a phase;
+    `data` maps names to (resolved folder, cache)."""
+    out, held = {}, []
+    for name in train:
+        out[f"train:{name}"], cached = open_dataset(name, *data[name])
+        if cached:
+            held.append(name)
     if eval_name:
-        out["eval"] = open_dataset(eval_name, *data[eval_name])
-    return out
+        out["eval"], _ = open_dataset(eval_name, *data[eval_name])
+    return out, held

@@ -3,10 +3,15 @@
 Several train datasets are interleaved batch by batch with their weights; the
 choice for pick k depends only on (seed, k), and each source records its epoch and
 the batches it has consumed, so a resumed run skips exactly what was already seen.
+
+A source marked `hold` (a dataset small enough to sit in memory) is read through Ray
+Data once: the worker keeps the raw rows of its first epoch and serves every later
+epoch from them, reshuffled by (seed, epoch), with no Ray Data work beside training.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -47,12 +52,78 @@ class Collate(NumpyBatchCollateFn):
         return to_model_batch(pad_collate(batch))
 
 
+def _copy_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A private copy of a numpy batch (transforms may modify arrays in place)."""
+    out = {}
+    for k, v in batch.items():
+        if v.dtype.kind == "O":
+            c = np.empty(len(v), dtype=object)
+            c[:] = [x.copy() if isinstance(x, np.ndarray) else x for x in v]
+            out[k] = c
+        else:
+            out[k] = v.copy()
+    return out
+
+
+class _Recording(Collate):
+    """Collate that also keeps a copy of every raw batch (the worker's rows of its first epoch).
+    The last, short batch is kept but not trained on (it comes back as `{}`)."""
+
+    def __init__(self, transforms: list[Any], epoch: int, sink: list[dict[str, np.ndarray]],
+                 batch_size: int) -> None:
+        super().__init__(transforms, epoch)
+        self.sink, self.batch_size = sink, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        self.sink.append(_copy_rows(batch))
+        if len(next(iter(batch.values()))) < self.batch_size:
+            return {}
+        return super().__call__(batch)
+
+
+class _Held:
+    """The rows of one source held by this worker: their order of arrival, then a seeded permutation."""
+
+    def __init__(self, parts: list[dict[str, np.ndarray]]) -> None:
+        cols = {k: self._join([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        self.rows = len(next(iter(cols.values()))) if cols else 0
+        # Ray Data collates batches in a thread pool, so rows arrive here in no fixed order: put them in
+        # one that does not depend on it (by id, else by content) before the per-epoch permutation.
+        order = np.argsort(cols["id"].astype(str), kind="stable") if "id" in cols else self._by_content(cols)
+        self.cols = {k: v[order] for k, v in cols.items()}
+
+    def _by_content(self, cols: dict[str, np.ndarray]) -> np.ndarray:
+        keys = []
+        for i in range(self.rows):
+            h = hashlib.blake2b(digest_size=16)
+            for k in sorted(cols):
+                h.update(np.asarray(cols[k][i]).tobytes())
+            keys.append(h.hexdigest())
+        return np.argsort(np.array(keys), kind="stable")
+
+    @staticmethod
+    def _join(arrays: list[np.ndarray]) -> np.ndarray:
+        """Concatenate along rows; a column that is variable-length anywhere becomes one object array."""
+        if all(a.dtype.kind != "O" for a in arrays) and len({a.shape[1:] for a in arrays}) == 1:
+            return np.concatenate(arrays)
+        out = np.empty(sum(len(a) for a in arrays), dtype=object)
+        out[:] = [row for a in arrays for row in a]
+        return out
+
+    def batches(self, batch_size: int, seed: int, epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
+        order = np.random.default_rng((seed, epoch)).permutation(self.rows)
+        for b in range(skip, self.rows // batch_size):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            yield {k: v[idx] for k, v in self.cols.items()}
+
+
 class BatchStream:
     """Endless batches from weighted sources. `position()` / `position=` make it resumable."""
 
     def __init__(self, shards: dict[str, Any], weights: dict[str, float], *, batch_size: int,
                  transforms: list[Any], seed: int, shuffle_buffer: int = 0,
-                 position: dict[str, Any] | None = None, prefetch: int = 2) -> None:
+                 position: dict[str, Any] | None = None, prefetch: int = 2,
+                 hold: set[str] | frozenset[str] = frozenset()) -> None:
         self.shards, self.names = shards, list(shards)
         w = np.array([weights[n] for n in self.names], dtype=np.float64)
         self.p = w / w.sum()
@@ -63,22 +134,50 @@ class BatchStream:
         self.epoch: dict[str, int] = {n: pos.get("epoch", {}).get(n, 0) for n in self.names}
         self.consumed: dict[str, int] = {n: pos.get("consumed", {}).get(n, 0) for n in self.names}
         self._iters: dict[str, Iterator[dict[str, torch.Tensor]]] = {}
+        self.hold = set(hold)
+        self._held: dict[str, _Held] = {}
 
     def position(self) -> dict[str, Any]:
         return {"picks": self.picks, "epoch": dict(self.epoch), "consumed": dict(self.consumed)}
 
-    def _open(self, name: str) -> Iterator[dict[str, torch.Tensor]]:
-        epoch = self.epoch[name]
+    def _read(self, name: str, epoch: int, collate: Collate, drop_last: bool = True
+              ) -> Iterator[dict[str, torch.Tensor]]:
         kwargs: dict[str, Any] = {}
         if self.shuffle_buffer:
             kwargs = {"local_shuffle_buffer_size": self.shuffle_buffer,
                       "local_shuffle_seed": self.seed * 100_003 + epoch}
-        it = iter(self.shards[name].iter_torch_batches(
-            batch_size=self.batch_size, collate_fn=Collate(self.transforms, epoch), drop_last=True,
-            prefetch_batches=self.prefetch, **kwargs))
+        return iter(self.shards[name].iter_torch_batches(
+            batch_size=self.batch_size, collate_fn=collate, drop_last=drop_last, prefetch_batches=self.prefetch,
+            **kwargs))
+
+    def _open(self, name: str) -> Iterator[dict[str, torch.Tensor]]:
+        epoch = self.epoch[name]
+        if name in self.hold:
+            if name not in self._held and epoch > 0:  # resumed after the first epoch: read the rows again
+                sink: list[dict[str, np.ndarray]] = []
+                for _ in self._read(name, 0, _Recording([], 0, sink, self.batch_size), drop_last=False):
+                    pass
+                self._held[name] = _Held(sink)
+            if name in self._held:
+                collate = Collate(self.transforms, epoch)
+                return (collate(b) for b in self._held[name].batches(
+                    self.batch_size, self.seed * 100_003 + self.names.index(name), epoch, self.consumed[name]))
+            sink = []
+            it = self._read(name, epoch, _Recording(self.transforms, epoch, sink, self.batch_size),
+                            drop_last=False)
+            it = self._then_hold(name, it, sink)
+        else:
+            it = self._read(name, epoch, Collate(self.transforms, epoch))
         for _ in range(self.consumed[name]):  # resume mid-epoch: skip what was already trained on
             next(it)
         return it
+
+    def _then_hold(self, name: str, it: Iterator[dict[str, torch.Tensor]],
+                   sink: list[dict[str, np.ndarray]]) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in it:
+            if batch:
+                yield batch
+        self._held[name] = _Held(sink)
 
     def _next_from(self, name: str) -> dict[str, torch.Tensor]:
         for _attempt in range(2):

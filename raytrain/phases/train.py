@@ -158,7 +158,8 @@ class PhaseRunner:
         self.stream = BatchStream(
             shards, {n.name: n.weight for n in phase.train}, batch_size=phase.batch_size,
             transforms=build_transforms([t.model_dump() for t in phase.transforms], sr, self.pipe.seed),
-            seed=self.pipe.seed, shuffle_buffer=phase.shuffle_buffer, position=position)
+            seed=self.pipe.seed, shuffle_buffer=phase.shuffle_buffer, position=position,
+            hold=set(self.cfg.get("hold", [])))
         self.eval_shard = ray.train.get_dataset_shard("eval") if phase.eval else None
         self._eval_cache: list[dict[str, torch.Tensor]] | None = None
         self.eval_transforms = build_transforms([t.model_dump() for t in phase.eval_transforms], sr,
