@@ -63,11 +63,11 @@ class DecodeAudio:
         return batch
 
 
-def read_dataset(path: str) -> Any:
-    """A streaming Ray Dataset of decoded rows from one shard folder."""
+def read_dataset(path: str, manifest: dict[str, Any] | None = None) -> Any:
+    """A streaming Ray Dataset of decoded rows from one shard folder (`manifest`: its, if already read)."""
     import ray.data
 
-    manifest = read_manifest(path)
+    manifest = manifest or read_manifest(path)
     files = shard_paths(path, manifest)
     ds = ray.data.read_parquet(files, shuffle=None).select_columns(_columns(manifest))
     return ds.map_batches(DecodeAudio(list(manifest["audio_columns"])), batch_format="numpy", batch_size=64)
@@ -90,9 +90,9 @@ def open_dataset(name: str, path: str, cache: str = "auto") -> tuple[Any, bool]:
     """(`read_dataset`, materialized in the object store when `should_cache` says so; whether it was)."""
     import ray
 
-    ds = read_dataset(path)
-    store = float(ray.available_resources().get("object_store_memory", 0.0))
     manifest = read_manifest(path)
+    ds = read_dataset(path, manifest)
+    store = float(ray.available_resources().get("object_store_memory", 0.0))
     if not should_cache(cache, manifest, store):
         return ds, False
     t0 = time.perf_counter()

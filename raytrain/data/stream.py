@@ -67,16 +67,17 @@ def _copy_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 class _Recording(Collate):
     """Collate that also keeps a copy of every raw batch (the worker's rows of its first epoch).
-    The last, short batch is kept but not trained on (it comes back as `{}`)."""
+    The last, short batch is kept but not trained on (it comes back as `{}`); with `record_only`
+    no batch is collated (re-reading the rows on resume)."""
 
     def __init__(self, transforms: list[Any], epoch: int, sink: list[dict[str, np.ndarray]],
-                 batch_size: int) -> None:
+                 batch_size: int, record_only: bool = False) -> None:
         super().__init__(transforms, epoch)
-        self.sink, self.batch_size = sink, batch_size
+        self.sink, self.batch_size, self.record_only = sink, batch_size, record_only
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:  # type: ignore[override]
         self.sink.append(_copy_rows(batch))
-        if len(next(iter(batch.values()))) < self.batch_size:
+        if self.record_only or len(next(iter(batch.values()))) < self.batch_size:
             return {}
         return super().__call__(batch)
 
@@ -155,7 +156,8 @@ class BatchStream:
         if name in self.hold:
             if name not in self._held and epoch > 0:  # resumed after the first epoch: read the rows again
                 sink: list[dict[str, np.ndarray]] = []
-                for _ in self._read(name, 0, _Recording([], 0, sink, self.batch_size), drop_last=False):
+                for _ in self._read(name, 0, _Recording([], 0, sink, self.batch_size, record_only=True),
+                                    drop_last=False):
                     pass
                 self._held[name] = _Held(sink)
             if name in self._held:
