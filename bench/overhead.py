@@ -1,16 +1,16 @@
 """raytrain's worker loop vs a plain PyTorch loop: same model, same data, same steps, one run.
 
-    python bench/overhead.py [--steps 150] [--reps 3] [--min-ratio 0.9] [--in-worker]
+    python bench/overhead.py [--steps 150] [--reps 5] [--min-ratio 0.9] [--in-worker]
 
 Both train the tiny ConvTasNet of separation_tiny.yaml on the same fixed 1 s mixtures
 (batch 8, Adam, PIT SI-SDR loss, 2 torch threads, denormals flushed). raytrain runs a
 one-phase pipeline on local Ray (one worker fed by Ray Data from the Parquet shards,
 which `cache: auto` reads and decodes once and holds in the object store; checkpoint at
 the end, MLflow on); the plain loop holds the same decoded tensors in memory and runs
-with Ray shut down. The two alternate `--reps` times (the machine's speed drifts) and
-the median ratio is the result. Steps/s are steady-state (the first steps are excluded);
-the fixed start-up cost of raytrain (Ray, datasets, worker group, checkpoints) is
-reported separately.
+with Ray shut down. Each of the `--reps` raytrain runs sits between two plain runs and is
+compared with their mean (the machine's speed drifts); the median ratio is the result.
+Steps/s are steady-state (the first steps are excluded); the fixed start-up cost of
+raytrain (Ray, datasets, worker group, checkpoints) is reported separately.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rows", type=int, default=96)
-    ap.add_argument("--reps", type=int, default=3, help="alternating plain / raytrain measurements")
+    ap.add_argument("--reps", type=int, default=5, help="raytrain runs, each between two plain runs")
     ap.add_argument("--in-worker", action="store_true",
                     help="also time the plain loop inside a bare Ray Train worker (Ray's own cost)")
     ap.add_argument("--min-ratio", type=float, default=None, help="exit 1 when the median ratio is below this")
@@ -133,22 +133,29 @@ def main() -> int:
 
     warm = max(1, min(10, args.steps // 5))
     rows: list[tuple[float, float, float]] = []
+    in_worker = None
     with tempfile.TemporaryDirectory() as tmp:
         folder, runs = Path(tmp) / "shards", Path(tmp) / "runs"
         make_shards(folder, args.rows)
+        # The baseline runs with no Ray on the machine; raytrain pays for everything it starts.
+        # Each raytrain run is bracketed by two plain runs and compared with their mean: this machine's
+        # speed drifts by 20% within minutes, and the bracket cancels a steady drift.
+        plain_before = plain_loop(folder, args.steps, args.batch, warm)
+        print(f"plain {plain_before:.2f} steps/s", flush=True)
         for rep in range(1, args.reps + 1):
-            # The baseline runs with no Ray on the machine; raytrain pays for everything it starts.
-            plain = plain_loop(folder, args.steps, args.batch, warm)
             # The first pipeline run after Ray starts overlaps Ray's own start-up churn (idle workers,
             # agents, Ray Data task workers being spawned): count it as start-up, measure the second run.
             _, first_wall = raytrain_loop(folder, runs, max(12, warm + 2), args.batch)
             rt, wall = raytrain_loop(folder, runs, args.steps, args.batch)
-            in_worker = (plain_loop_in_ray_worker(folder, args.steps, args.batch, warm, Path(tmp) / "rate.txt")
-                         if args.in_worker and rep == args.reps else None)
+            if args.in_worker and rep == args.reps:
+                in_worker = plain_loop_in_ray_worker(folder, args.steps, args.batch, warm, Path(tmp) / "rate.txt")
             ray.shutdown()
+            plain_after = plain_loop(folder, args.steps, args.batch, warm)
+            plain = (plain_before + plain_after) / 2
             rows.append((plain, rt, wall))
-            print(f"rep {rep}: plain {plain:.2f} steps/s, raytrain {rt:.2f} steps/s, ratio {rt / plain:.3f}",
-                  flush=True)
+            print(f"rep {rep}: raytrain {rt:.2f} steps/s between plain {plain_before:.2f} and {plain_after:.2f}: "
+                  f"ratio {rt / plain:.3f}", flush=True)
+            plain_before = plain_after
     ratios = sorted(rt / plain for plain, rt, _ in rows)
     ratio = ratios[len(ratios) // 2]
     plain_med = sorted(r[0] for r in rows)[len(rows) // 2]
@@ -156,8 +163,8 @@ def main() -> int:
     wall = rows[-1][2]
     train_s = args.steps / rows[-1][1]
     print(f"\nsteps {args.steps}, batch {args.batch} x 1 s at {SR} Hz, steady state after step {warm}, "
-          f"{args.reps} alternating repetitions")
-    print(f"  plain PyTorch loop   {plain_med:7.2f} steps/s (median)")
+          f"{args.reps} raytrain runs each between two plain runs")
+    print(f"  plain PyTorch loop   {plain_med:7.2f} steps/s (median of bracket means)")
     print(f"  raytrain worker loop {rt_med:7.2f} steps/s (median)")
     if in_worker is not None:
         print(f"  plain loop inside a bare Ray Train worker {in_worker:7.2f} steps/s (last repetition)")

@@ -69,6 +69,10 @@ def ray_init() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not os.environ.get("RAY_ADDRESS"):
+        # A one-node Ray that raytrain starts has no node that can be drained or preempted, and each
+        # idle Ray actor wakes up 100 times a second: leave Ray Train's preemption watcher out.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group cleaner polls.
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=True, log_to_driver=True,
              logging_level=logging.WARNING, configure_logging=True)
@@ -211,7 +215,9 @@ class PipelineRunner:
                                                              checkpoint_score_order=mode),
                 failure_config=ray.train.FailureConfig(max_failures=sc.max_failures)),
             datasets=datasets,
-            dataset_config=ray.train.DataConfig(execution_options=exec_opts),
+            # One worker reads each dataset whole: no split coordinator actor beside it.
+            dataset_config=ray.train.DataConfig(datasets_to_split="all" if sc.num_workers > 1 else [],
+                                                execution_options=exec_opts),
         )
         t0 = time.time()
         try:

@@ -77,6 +77,8 @@ def pad_collate(
             values, lengths = _pad([np.asarray(x) for x in column], key)
         else:
             values = np.ascontiguousarray(column, dtype=_numeric_dtype(column.dtype))
+            if not values.flags.writeable:  # a zero-copy view of Arrow memory: tensors must own theirs
+                values = values.copy()
             if key not in wanted:
                 out[key] = torch.from_numpy(values)
                 continue

@@ -80,3 +80,12 @@ def test_dynamic_mix_output_collates_unchanged() -> None:
     assert out["mix"].shape == (4, 1000) and out["sources"].shape == (4, 2, 1000)
     assert torch.equal(out["lengths"], torch.from_numpy(mixed["lengths"]))
     assert torch.equal(out["sources"], torch.from_numpy(mixed["sources"]))
+
+
+def test_read_only_numeric_columns_are_copied_into_writable_tensors() -> None:
+    frozen = np.arange(12, dtype=np.float32).reshape(3, 4)
+    frozen.flags.writeable = False  # what a zero-copy Arrow column looks like
+    out = pad_collate({"mix": frozen, "gain": frozen[:, 0]}, audio_keys=["mix"])
+    out["mix"] += 1  # must not touch the source
+    out["gain"] += 1
+    assert frozen[0, 0] == 0 and out["mix"][0, 0] == 1 and out["gain"][0] == 1
