@@ -59,6 +59,43 @@ def decode_pcm16(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
 
 
+AUDIO_FORMATS = ("pcm_s16le", "flac", "f32le")
+
+
+def encode_audio(wave: np.ndarray, fmt: str, sample_rate: int) -> bytes:
+    """float32 (T,) -> bytes in ``fmt``: ``pcm_s16le`` (default), ``flac`` (lossless 16-bit, ~half
+    the size, costs a decode), or ``f32le`` (float32, no quantization, twice the size)."""
+    if fmt == "pcm_s16le":
+        return encode_pcm16(wave)
+    if fmt == "f32le":
+        return np.asarray(wave, dtype="<f4").tobytes()
+    if fmt == "flac":
+        import io
+
+        import soundfile as sf
+
+        buf = io.BytesIO()
+        sf.write(buf, np.clip(np.asarray(wave, dtype=np.float32), -1.0, 32767 / 32768), sample_rate,
+                 format="FLAC", subtype="PCM_16")
+        return buf.getvalue()
+    raise ValueError(f"audio format {fmt!r} is unknown; use one of {AUDIO_FORMATS}")
+
+
+def decode_audio(data: bytes, fmt: str = "pcm_s16le") -> np.ndarray:
+    """bytes in ``fmt`` (see ``encode_audio``) -> float32 (T,)."""
+    if fmt == "pcm_s16le":
+        return decode_pcm16(data)
+    if fmt == "f32le":
+        return np.frombuffer(data, dtype="<f4").astype(np.float32)
+    if fmt == "flac":
+        import io
+
+        import soundfile as sf
+
+        return sf.read(io.BytesIO(data), dtype="float32")[0]
+    raise ValueError(f"audio format {fmt!r} is unknown; use one of {AUDIO_FORMATS}")
+
+
 def _json_normal(obj: Any) -> Any:
     """Tuples -> lists etc., so a prep dict compares equal to the one read back from JSON."""
     return json.loads(json.dumps(obj, sort_keys=True))

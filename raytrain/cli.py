@@ -37,11 +37,35 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _prep(args: argparse.Namespace) -> int:
+    if args.input is not None or args.format is not None:
+        return _prep_flags(args)
+    if args.config is None:
+        raise ConfigError("raytrain prep needs a prep YAML, or --input, --format and --output-dir")
     from datasets_prep.prep import run_prep
     from raytrain.config.loader import parse_override
 
     overrides = {".".join(k): v for k, v in map(parse_override, args.override)} if args.override else None
     run_prep(args.config, overrides=overrides)
+    return 0
+
+
+def _prep_flags(args: argparse.Namespace) -> int:
+    from datasets_prep.execute import prep_corpus
+    from datasets_prep.readers.manifests import READERS, ReaderError
+
+    missing = [f for f, v in (("--input", args.input), ("--format", args.format), ("--output-dir", args.output_dir))
+               if v is None]
+    if missing:
+        raise ConfigError(f"raytrain prep: {', '.join(missing)} missing (formats: {', '.join(READERS)})")
+    if args.workers > 0:
+        from raytrain.pipeline import ray_init
+
+        ray_init()
+    try:
+        prep_corpus(args.input, args.format, args.output_dir, steps=args.steps, sample_rate=args.sample_rate,
+                    workers=args.workers, rows_per_shard=args.rows_per_shard, audio_format=args.audio_format)
+    except (ReaderError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
     return 0
 
 
@@ -93,9 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the last unfinished run of this pipeline")
     p.add_argument("--run-dir", help="use this run folder (default runs/<pipeline>/<timestamp>)")
     p.set_defaults(fn=_run)
-    p = sub.add_parser("prep", help="prepare a corpus into Parquet shards from a prep YAML")
-    p.add_argument("config", help="prep YAML, e.g. configs/prep/separation_tiny.yaml")
+    p = sub.add_parser("prep", help="prepare a corpus into Parquet shards (a prep YAML, or flags)")
+    p.add_argument("config", nargs="?", help="prep YAML, e.g. configs/prep/separation_tiny.yaml")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--input", "--input-dir", dest="input", help="corpus folder or manifest file (flag form)")
+    p.add_argument("--format", help="speaker-dirs | jsonl | tsv | wsj0-2mix")
+    p.add_argument("--output-dir", help="dataset folder to write")
+    p.add_argument("--steps", nargs="*", default=[], help="resample normalize vad_trim segment features")
+    p.add_argument("--sample-rate", type=int, help="output rate (resample), else the rate files must have")
+    p.add_argument("--workers", type=int, default=2, help="Ray Data tasks at once (0: this process, no Ray)")
+    p.add_argument("--rows-per-shard", type=int, default=200, help="input files per shard")
+    p.add_argument("--audio-format", default="pcm_s16le", help="pcm_s16le (default) | flac | f32le")
     p.set_defaults(fn=_prep)
     p = sub.add_parser("infer", help="separate wav files with a trained model")
     p.add_argument("source", help="run folder runs/<pipeline>/<id>, a phase folder, or a model.pt")

@@ -74,7 +74,7 @@ def ray_init() -> None:
         # idle Ray actor wakes up 100 times a second: leave Ray Train's preemption watcher out.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group cleaner polls.
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=True, log_to_driver=True,
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=True, log_to_driver=True,
              logging_level=logging.WARNING, configure_logging=True)
 
 

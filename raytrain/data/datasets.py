@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from datasets_prep.shards import decode_pcm16, read_manifest, shard_paths
+from datasets_prep.shards import decode_audio, read_manifest, shard_paths
 
 CACHE_FRACTION = 0.25  # cache: auto holds a dataset in memory when it needs at most this share of the store
 
@@ -48,17 +48,18 @@ def _columns(manifest: dict[str, Any]) -> list[str]:
 
 
 class DecodeAudio:
-    """map_batches UDF: binary PCM16 columns -> object arrays of float32 1-D waveforms."""
+    """map_batches UDF: binary audio columns (PCM16, FLAC or float32) -> object arrays of float32 1-D waveforms."""
 
-    def __init__(self, audio_columns: list[str]) -> None:
+    def __init__(self, audio_columns: list[str], audio_format: str = "pcm_s16le") -> None:
         self.audio_columns = audio_columns
+        self.audio_format = audio_format
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for col in self.audio_columns:
             if col in batch:
                 out = np.empty(len(batch[col]), dtype=object)
                 for i, raw in enumerate(batch[col]):
-                    out[i] = decode_pcm16(raw)
+                    out[i] = decode_audio(raw, self.audio_format)
                 batch[col] = out
         return batch
 
@@ -70,7 +71,8 @@ def read_dataset(path: str, manifest: dict[str, Any] | None = None) -> Any:
     manifest = manifest or read_manifest(path)
     files = shard_paths(path, manifest)
     ds = ray.data.read_parquet(files, shuffle=None).select_columns(_columns(manifest))
-    return ds.map_batches(DecodeAudio(list(manifest["audio_columns"])), batch_format="numpy", batch_size=64)
+    decode = DecodeAudio(list(manifest["audio_columns"]), manifest.get("audio_format", "pcm_s16le"))
+    return ds.map_batches(decode, batch_format="numpy", batch_size=64)
 
 
 def decoded_bytes(manifest: dict[str, Any]) -> int:

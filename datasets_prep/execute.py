@@ -1,0 +1,341 @@
+"""Items -> processed shards, in parallel on Ray Data, restartable, with a rejects table.
+
+The items (from ``datasets_prep.readers.manifests``) are cut into fixed chunks of
+``rows_per_shard`` items; chunk ``i`` becomes ``shard-0000i.parquet`` plus a small
+``.shard-0000i.json`` record (its rows, seconds per speaker, durations, rejects, sha256)
+written after it. Each chunk is one Ray Data row, processed by ``map_batches`` on
+``workers`` CPUs: load -> steps -> encode -> atomic write. A re-run skips every chunk
+whose record carries the same key (prep parameters + item ids) and whose shard still has
+the recorded sha256, so a killed run resumes where it stopped and ends with the same
+bytes. ``_manifest.json`` (and ``rejects.parquet``) are written last, by the driver.
+
+An item that cannot be used (unreadable, empty, NaN, wrong rate, too short after
+trimming...) is a reject: a row of ``rejects.parquet`` with its reason, counted in the
+manifest and printed at the end; it never stops the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from datasets_prep.shards import (
+    AUDIO_FORMATS,
+    CREATED_BY,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    _atomic_write_bytes,
+    encode_audio,
+    prep_sha256,
+)
+from datasets_prep.steps.audio import Chain
+from datasets_prep.steps.load import Reject, load_item
+
+REJECTS_NAME = "rejects.parquet"
+DURATION_BINS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, math.inf)  # seconds, for the manifest histogram
+_KEY_META = b"raytrain.chunk_key"
+
+
+def _record_path(out_dir: Path, i: int) -> Path:
+    return out_dir / f".shard-{i:05d}.json"
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}.parquet"
+
+
+def chunk_key(prep: dict[str, Any], items: list[dict[str, Any]]) -> str:
+    ids = "\n".join(str(it["id"]) for it in items)
+    return hashlib.sha256(f"{prep_sha256(prep)}\n{ids}".encode()).hexdigest()
+
+
+def _arrow_value(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def process_chunk(items: list[dict[str, Any]], *, audio_columns: list[str], chain: Chain,
+                  expect_sample_rate: int | None, audio_format: str) -> tuple[list[dict[str, Any]], list[dict]]:
+    """(output rows ready for Parquet, rejects) of one chunk; never raises for a bad item."""
+    rows, rejects = [], []
+    for item in items:
+        source = next((str(item[c]) for c in audio_columns if c in item), "")
+        try:
+            loaded = load_item(item, audio_columns, expect_sample_rate=expect_sample_rate)
+            outs = chain(loaded)
+        except Reject as e:
+            rejects.append({"id": str(item["id"]), "source": source, "reason": str(e)})
+            continue
+        for r in outs:
+            sr = int(r["sample_rate"])
+            n = len(r[audio_columns[0]])
+            row = {k: _arrow_value(v) for k, v in r.items() if k not in audio_columns and k not in ("mel", "f0")}
+            for c in audio_columns:
+                row[c] = encode_audio(r[c], audio_format, sr)
+            if "mel" in r:
+                row["mel"] = np.ascontiguousarray(r["mel"], dtype="<f4").tobytes()
+                row["mel_frames"], row["n_mels"] = int(r["mel"].shape[0]), int(r["mel"].shape[1])
+            if "f0" in r:
+                row["f0"] = np.ascontiguousarray(r["f0"], dtype="<f4").tobytes()
+            row["num_samples"], row["sample_rate"] = n, sr
+            row["id"] = str(r["id"])
+            rows.append(row)
+    return rows, rejects
+
+
+def _table(rows: list[dict[str, Any]], key: str) -> pa.Table:
+    cols: dict[str, list[Any]] = {}
+    for name in ["id", *sorted({k for r in rows for k in r} - {"id"})]:
+        cols[name] = [r.get(name) for r in rows]
+    table = pa.table(cols)
+    return table.replace_schema_metadata({_KEY_META: key.encode()})
+
+
+def write_chunk(out_dir: Path, i: int, items: list[dict[str, Any]], key: str, **kw: Any) -> dict[str, Any]:
+    """Process chunk ``i`` and write its shard and record atomically; returns the record."""
+    rows, rejects = process_chunk(items, **kw)
+    audio_columns = kw["audio_columns"]
+    record: dict[str, Any] = {"key": key, "index": i, "items": len(items), "rows": len(rows), "rejects": rejects,
+                              "file": None, "sha256": None, "samples": 0, "speaker_samples": {}, "durations": [],
+                              "sample_rate": None, "columns": {}}
+    if rows:
+        table = _table(rows, key)
+        sink = pa.BufferOutputStream()
+        binary = [f.name for f in table.schema if pa.types.is_binary(f.type)]
+        pq.write_table(table, sink, compression="zstd", row_group_size=len(rows),
+                       use_dictionary=[c for c in table.column_names if c not in binary],
+                       write_statistics=[c for c in table.column_names if c not in binary])
+        data = sink.getvalue().to_pybytes()
+        _atomic_write_bytes(out_dir / _shard_name(i), data)
+        rates = {int(r["sample_rate"]) for r in rows}
+        spk_key = "speaker" if "speaker" in rows[0] else "speakers" if "speakers" in rows[0] else None
+        for r in rows:
+            n = int(r["num_samples"])
+            record["samples"] += n
+            record["durations"].append(n / int(r["sample_rate"]))
+            if spk_key:
+                for spk in str(r.get(spk_key) or "").split(","):
+                    if spk:
+                        record["speaker_samples"][spk] = record["speaker_samples"].get(spk, 0) + n
+        record.update(file=_shard_name(i), sha256=hashlib.sha256(data).hexdigest(),
+                      sample_rate=rates.pop() if len(rates) == 1 else sorted(rates),
+                      columns={f.name: str(f.type) for f in table.schema}, audio_columns=list(audio_columns))
+    else:
+        (out_dir / _shard_name(i)).unlink(missing_ok=True)
+    _atomic_write_bytes(_record_path(out_dir, i), json.dumps(record).encode())
+    return record
+
+
+def _finished(out_dir: Path, i: int, key: str) -> dict[str, Any] | None:
+    """The record of chunk ``i`` if it was written for this very key and its shard is intact."""
+    path = _record_path(out_dir, i)
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if record.get("key") != key:
+        return None
+    if record["file"] is not None:
+        shard = out_dir / record["file"]
+        if not shard.exists() or hashlib.sha256(shard.read_bytes()).hexdigest() != record["sha256"]:
+            return None
+    return record
+
+
+class _ChunkTask:
+    """map_batches UDF (batch_size=1): one chunk per call."""
+
+    def __init__(self, out_dir: str, kwargs: dict[str, Any]) -> None:
+        self.out_dir, self.kw = Path(out_dir), kwargs
+        steps = kwargs.pop("steps")
+        self.kw["chain"] = Chain(steps, kwargs["audio_columns"])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = []
+        for i, payload, key in zip(batch["index"], batch["items"], batch["key"], strict=True):
+            rec = write_chunk(self.out_dir, int(i), json.loads(payload), str(key), **self.kw)
+            out.append(json.dumps(rec))
+        return {"record": np.array(out, dtype=object)}
+
+
+def run_chunks(out_dir: Path, todo: list[tuple[int, list[dict[str, Any]], str]], kwargs: dict[str, Any],
+               workers: int, on_done: Callable[[dict[str, Any]], None]) -> None:
+    """Process ``todo`` chunks: in this process when ``workers`` is 0, else on Ray Data."""
+    if not todo:
+        return
+    if workers == 0:
+        task = _ChunkTask(str(out_dir), dict(kwargs))
+        for i, items, key in todo:
+            on_done(json.loads(task({"index": np.array([i]), "items": np.array([json.dumps(items)], dtype=object),
+                                     "key": np.array([key], dtype=object)})["record"][0]))
+        return
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # one bar: ours, per finished shard
+    ctx.print_on_execution_start = False
+    ds = ray.data.from_items([{"index": i, "items": json.dumps(items), "key": key} for i, items, key in todo],
+                             override_num_blocks=len(todo))
+    ds = ds.map_batches(_ChunkTask, fn_constructor_args=(str(out_dir), dict(kwargs)), batch_size=1,
+                        batch_format="numpy", concurrency=workers, num_cpus=1)
+    for row in ds.iter_rows():
+        on_done(json.loads(row["record"]))
+
+
+def _histogram(durations: list[float]) -> list[dict[str, Any]]:
+    counts = np.histogram(np.asarray(durations, dtype=np.float64), bins=np.asarray(DURATION_BINS))[0]
+    return [{"min_s": lo, "max_s": hi if math.isfinite(hi) else None, "count": int(c)}
+            for lo, hi, c in zip(DURATION_BINS[:-1], DURATION_BINS[1:], counts, strict=True)]
+
+
+def prepare_items(items: list[dict[str, Any]], out_dir: str | os.PathLike, *, kind: str, audio_columns: list[str],
+                  steps: list[tuple[str, dict[str, Any]]] | None = None, rows_per_shard: int = 200,
+                  audio_format: str = "pcm_s16le", expect_sample_rate: int | None = None, workers: int = 2,
+                  prep: dict[str, Any] | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Write ``items`` as a dataset folder; returns its manifest (also written as ``_manifest.json``).
+
+    ``steps``: [(name, params)] of ``datasets_prep.steps.audio.STEPS``; ``workers``: Ray Data
+    tasks at once (0: this process, no Ray); ``prep``: extra parameters recorded in the manifest.
+    """
+    if audio_format not in AUDIO_FORMATS:
+        raise ValueError(f"audio_format {audio_format!r} is unknown; use one of {AUDIO_FORMATS}")
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in out.glob(".*.tmp"):  # leftovers of a killed run
+        p.unlink()
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # not a dataset until this run's manifest lands
+    steps = list(steps or [])
+    chain = Chain(steps, audio_columns)  # validates the steps before any work
+    params = {**(prep or {}), "kind": kind, "steps": chain.describe(), "audio_format": audio_format,
+              "rows_per_shard": rows_per_shard, "expect_sample_rate": expect_sample_rate}
+    chunks = [items[k:k + rows_per_shard] for k in range(0, len(items), rows_per_shard)]
+    keys = [chunk_key(params, c) for c in chunks]
+    records: dict[int, dict[str, Any]] = {}
+    todo = []
+    for i, (c, key) in enumerate(zip(chunks, keys, strict=True)):
+        rec = _finished(out, i, key)
+        if rec is not None:
+            records[i] = rec
+        else:
+            todo.append((i, c, key))
+    t0 = time.perf_counter()
+    bar = None
+    tty = (progress if progress is not None else os.isatty(2))
+    if todo:
+        print(f"prep {out}: {len(items)} items in {len(chunks)} shards, {len(records)} already done, "
+              f"{len(todo)} to write on {workers or 'no'} Ray worker{'s' if workers != 1 else ''}", flush=True)
+        if tty:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), unit="shard", desc="prep")
+
+    def done(rec: dict[str, Any]) -> None:
+        records[int(rec["index"])] = rec
+        if bar is not None:
+            bar.update(1)
+        elif len(records) % max(1, len(chunks) // 10) == 0 or len(records) == len(chunks):
+            print(f"  {len(records)}/{len(chunks)} shards ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    run_chunks(out, todo, {"audio_columns": list(audio_columns), "steps": steps,
+                           "expect_sample_rate": expect_sample_rate, "audio_format": audio_format},
+               workers, done)
+    if bar is not None:
+        bar.close()
+    return _write_manifest(out, [records[i] for i in range(len(chunks))], kind, audio_columns, params)
+
+
+def _write_manifest(out: Path, records: list[dict[str, Any]], kind: str, audio_columns: list[str],
+                    params: dict[str, Any]) -> dict[str, Any]:
+    names = {r["file"] for r in records if r["file"]}
+    for p in out.glob("shard-*.parquet"):  # shards of a bigger earlier run
+        if p.name not in names:
+            p.unlink()
+    for p in out.glob(".shard-*.json"):
+        if p.name not in {_record_path(out, r["index"]).name for r in records}:
+            p.unlink()
+    rates = {r["sample_rate"] for r in records if r["sample_rate"] is not None and not isinstance(r["sample_rate"], list)}
+    mixed = [r for r in records if isinstance(r["sample_rate"], list)] or len(rates) > 1
+    if mixed:
+        raise ValueError(f"{out}: the prepared audio has several sample rates {sorted(map(str, rates))}: "
+                         "add the resample step (or expect_sample_rate to reject other rates)")
+    sr = rates.pop() if rates else (params.get("expect_sample_rate") or 0)
+    rejects = [rj for r in records for rj in r["rejects"]]
+    table = pa.table({"id": [r["id"] for r in rejects], "source": [r["source"] for r in rejects],
+                      "reason": [r["reason"] for r in rejects]},
+                     schema=pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string())]))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    _atomic_write_bytes(out / REJECTS_NAME, sink.getvalue().to_pybytes())
+    samples = sum(r["samples"] for r in records)
+    spk: dict[str, int] = {}
+    for r in records:
+        for k, v in r["speaker_samples"].items():
+            spk[k] = spk.get(k, 0) + v
+    columns: dict[str, str] = {}
+    for r in records:
+        columns.update(r["columns"])
+    sec = 3600.0 * sr if sr else 1.0
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "columns": columns,
+        "audio_columns": list(audio_columns),
+        "audio_format": params["audio_format"],
+        "sample_rate": sr,
+        "rows": sum(r["rows"] for r in records),
+        "hours": round(samples / sec, 6),
+        "num_speakers": len(spk),
+        "speaker_hours": {k: round(v / sec, 6) for k, v in sorted(spk.items())},
+        "duration_histogram": _histogram([d for r in records for d in r["durations"]]),
+        "shards": [{"file": r["file"], "rows": r["rows"], "sha256": r["sha256"]} for r in records if r["file"]],
+        "rejects": {"count": len(rejects), "file": REJECTS_NAME},
+        "items": sum(r["items"] for r in records),
+        "steps": params["steps"],
+        "prep": params,
+        "created_by": CREATED_BY,
+    }
+    _atomic_write_bytes(out / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+    print(f"prep {out}: {manifest['rows']} rows, {manifest['hours']:.3f} h, {len(manifest['shards'])} shards, "
+          f"{len(rejects)} rejected")
+    for rj in rejects[:20]:
+        print(f"  rejected {rj['id']}: {rj['reason']}")
+    if len(rejects) > 20:
+        print(f"  ... {len(rejects) - 20} more in {out / REJECTS_NAME}")
+    return manifest
+
+
+def prep_corpus(source: str | os.PathLike, fmt: str, output_dir: str | os.PathLike, *, steps: list[str] | None = None,
+                sample_rate: int | None = None, workers: int = 2, rows_per_shard: int = 200,
+                audio_format: str = "pcm_s16le", progress: bool | None = None) -> dict[str, Any]:
+    """The flag form of ``raytrain prep``: list ``source`` as ``fmt``, run ``steps`` with their default
+    parameters (``resample`` to ``sample_rate``), write shards to ``output_dir``.
+
+    Without a resample step, ``sample_rate`` is the rate every file must have (others are rejects).
+    """
+    from datasets_prep.readers.manifests import AUDIO_PATH_COLUMNS, list_items
+
+    steps = list(steps or [])
+    if "resample" in steps and not sample_rate:
+        raise ValueError("the resample step needs --sample-rate (the output rate)")
+    step_params = [(s, {"sample_rate": sample_rate} if s == "resample" else {}) for s in steps]
+    items = list_items(fmt, source)
+    return prepare_items(items, output_dir, kind="mixtures" if fmt == "wsj0-2mix" else "speech",
+                         audio_columns=list(AUDIO_PATH_COLUMNS[fmt]), steps=step_params,
+                         rows_per_shard=rows_per_shard, audio_format=audio_format,
+                         expect_sample_rate=None if "resample" in steps else sample_rate, workers=workers,
+                         prep={"format": fmt, "source": str(source)}, progress=progress)
