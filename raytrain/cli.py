@@ -142,8 +142,38 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def split_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raytrain prep split",
+                                description="split a JSONL/TSV manifest into seeded train/valid/test manifests")
+    p.add_argument("manifest", help="a .jsonl or .tsv manifest")
+    p.add_argument("--ratios", required=True, help="e.g. valid=0.05,test=0.05 (the rest is train)")
+    p.add_argument("--by", choices=["item", "speaker"], default="item", help="unit that is dealt to splits")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speaker-key", default="speaker", help="field holding the speaker (--by speaker)")
+    p.add_argument("-o", "--output-dir", help="folder for the split manifests (default: beside the input)")
+    p.set_defaults(fn=_prep_split)
+    return p
+
+
+def _prep_split(args: argparse.Namespace) -> int:
+    from datasets_prep.splits import split_manifest
+
+    try:
+        out = split_manifest(args.manifest, args.ratios, by=args.by, seed=args.seed, output_dir=args.output_dir,
+                             speaker_key=args.speaker_key)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"raytrain prep split {args.manifest}: {exc}") from None
+    for name, path in out.items():
+        print(f"{name:<8} {sum(1 for _ in open(path, encoding='utf-8')):>8} lines  {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["prep", "split"]:
+        args = split_parser().parse_args(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         return int(args.fn(args) or 0)

@@ -99,3 +99,19 @@ def test_parser_needs_a_command(capsys) -> None:
     assert info.value.code == 2
     args = build_parser().parse_args(["plan", "x.yaml", "-o", "a=1", "-o", "b=2"])
     assert args.config == "x.yaml" and args.override == ["a=1", "b=2"]
+
+
+def test_prep_split_writes_one_manifest_per_split(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    src = tmp_path / "m.jsonl"
+    src.write_text("".join(f'{{"idx": {k}, "audio_path": "{k}.wav", "speaker": "s{k % 4}"}}\n' for k in range(40)))
+    assert main(["prep", "split", str(src), "--ratios", "valid=0.25", "--by", "speaker", "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "m.valid.jsonl" in out and "m.train.jsonl" in out
+    assert len((tmp_path / "m.valid.jsonl").read_text().splitlines()) == 10  # one of 4 equal speakers
+
+
+def test_prep_flag_form_names_what_is_missing(capsys: pytest.CaptureFixture) -> None:
+    assert main(["prep", "--format", "jsonl"]) == 2
+    assert "--input, --output-dir missing" in capsys.readouterr().err
+    assert main(["prep", "--input", "x", "--format", "kaldi", "--output-dir", "o", "--workers", "0"]) == 2
+    assert "unknown input format 'kaldi'" in capsys.readouterr().err
