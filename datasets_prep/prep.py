@@ -46,6 +46,8 @@ class EspeakGenerator(_Strict):
     dev_vocab_fraction: float = Field(default=0.2, gt=0, lt=1)  # share of words that only dev sentences use
     dev_variant_fraction: float = Field(default=0.2, gt=0, lt=1)  # share of espeak timbres only dev voices use
     workers: int = Field(default=2, ge=1)  # parallel espeak-ng processes; does not change the output
+    language: list[str] | None = None  # espeak-ng languages/accents for the voices (default: 8 English accents)
+    phonemes: Literal["mnemonic", "ipa"] | None = None  # also write <utt>.phn (espeak-ng -x / --ipa)
 
     @model_validator(mode="after")
     def _enough_sentences(self) -> EspeakGenerator:
@@ -149,10 +151,11 @@ def run_prep(config_path: str | Path, *, overrides: dict | None = None, root: Pa
     raw_dir = cfg.raw_dir if cfg.raw_dir.is_absolute() else root / cfg.raw_dir
     out_dir = cfg.output_dir if cfg.output_dir.is_absolute() else root / cfg.output_dir
     g = cfg.generator
-    train_voices, dev_voices = split_voices(g.train_voices, g.dev_voices, g.seed, g.dev_variant_fraction)
+    train_voices, dev_voices = split_voices(g.train_voices, g.dev_voices, g.seed, g.dev_variant_fraction,
+                                            bases=g.language)
     train_slice, dev_slice = vocab_split(g.dev_vocab_fraction)
     base = {"name": cfg.name, "sample_rate": cfg.sample_rate, "rows_per_shard": cfg.rows_per_shard,
-            "source": g.model_dump(mode="json", exclude={"workers"})}
+            "source": g.model_dump(mode="json", exclude={"workers"}, exclude_none=True)}
     plans = [
         ("train", train_voices, make_sentences(g.train_sentences, g.seed, train_slice)),
         ("dev_speech", dev_voices, make_sentences(g.dev_sentences, g.seed, dev_slice)),
@@ -164,7 +167,7 @@ def run_prep(config_path: str | Path, *, overrides: dict | None = None, root: Pa
         status = "up to date"
         if not _up_to_date(out, prep):
             generate_corpus(raw_dir / split, voices, g.utterances_per_voice, sentences, cfg.sample_rate,
-                            g.seed, workers=g.workers)
+                            g.seed, workers=g.workers, phonemes=g.phonemes)
             _write_speech(raw_dir / split, out, cfg, prep)
             status = "written"
         splits[split] = _summary(out, status, t0)

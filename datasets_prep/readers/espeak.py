@@ -74,9 +74,13 @@ class VoiceSpec:
         return ["-v", f"{self.base}+{self.variant}", "-p", str(self.pitch), "-s", str(self.speed)]
 
 
-def voice_pool() -> list[VoiceSpec]:
-    """All speaker specs, in a fixed order (8 accents x 37 timbres x 2 pitches x 2 speeds = 1184)."""
-    return [VoiceSpec(b, v, p, s) for b in BASES for v in VARIANTS for p in PITCHES for s in SPEEDS]
+def voice_pool(bases: tuple[str, ...] | list[str] | None = None) -> list[VoiceSpec]:
+    """All speaker specs, in a fixed order (8 English accents x 37 timbres x 2 pitches x 2 speeds = 1184).
+
+    ``bases``: other espeak-ng languages/accents instead (``espeak-ng --voices`` lists them, e.g.
+    ``fr``, ``de``, ``es``, ``cmn``); every timbre variant applies to any language.
+    """
+    return [VoiceSpec(b, v, p, s) for b in (bases or BASES) for v in VARIANTS for p in PITCHES for s in SPEEDS]
 
 
 def _spread(items: list[VoiceSpec], key) -> list[VoiceSpec]:
@@ -97,8 +101,8 @@ def _diverse(pool: list[VoiceSpec], rng: random.Random) -> list[VoiceSpec]:
     return _spread(pool, key=lambda v: v.variant)  # every timbre before any repeats
 
 
-def split_voices(n_train: int, n_dev: int, seed: int, dev_variant_fraction: float = 0.2
-                 ) -> tuple[list[VoiceSpec], list[VoiceSpec]]:
+def split_voices(n_train: int, n_dev: int, seed: int, dev_variant_fraction: float = 0.2,
+                 bases: tuple[str, ...] | list[str] | None = None) -> tuple[list[VoiceSpec], list[VoiceSpec]]:
     """(train, dev) speakers; dev speakers use timbres (variants) that no train speaker uses.
 
     About ``dev_variant_fraction`` of the variants of each gender are held out for dev.
@@ -110,7 +114,7 @@ def split_voices(n_train: int, n_dev: int, seed: int, dev_variant_fraction: floa
         names = sorted(v for v, gv in VARIANTS.items() if gv == g)
         rng.shuffle(names)
         held.update(names[: max(1, round(dev_variant_fraction * len(names)))])
-    pool = voice_pool()
+    pool = voice_pool(bases)
     train_pool = [v for v in pool if v.variant not in held]
     dev_pool = [v for v in pool if v.variant in held]
     if n_train > len(train_pool) or n_dev > len(dev_pool):
@@ -186,8 +190,24 @@ def resample(wave: np.ndarray, orig: int, new: int) -> np.ndarray:
     return AF.resample(torch.from_numpy(padded)[None], orig, new)[0, : math.ceil(n * new / orig)].numpy()
 
 
-def _synthesize(exe: str, voice: VoiceSpec, text: str, wav: Path, sample_rate: int) -> None:
-    """espeak-ng -> resample -> PCM16 wav, written via temp + rename (the wav marks the utterance done)."""
+PHONEME_MODES = {"mnemonic": "-x", "ipa": "--ipa"}
+
+
+def phonemize(exe: str, voice: VoiceSpec, text: str, mode: str = "ipa") -> str:
+    """The phonemes espeak-ng speaks for ``text`` with ``voice``: its mnemonics (``-x``) or IPA."""
+    if mode not in PHONEME_MODES:
+        raise ValueError(f"phonemes {mode!r}: use one of {sorted(PHONEME_MODES)}")
+    proc = subprocess.run([exe, "-q", PHONEME_MODES[mode], *voice.espeak_args(), text], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"espeak-ng {PHONEME_MODES[mode]} failed for {text!r}: {proc.stderr.strip()}")
+    return " ".join(proc.stdout.split())
+
+
+def _synthesize(exe: str, voice: VoiceSpec, text: str, wav: Path, sample_rate: int,
+                phonemes: str | None = None) -> None:
+    """espeak-ng -> resample -> PCM16 wav, written via temp + rename (the wav marks the utterance done);
+    the transcript goes to ``<stem>.txt`` and, with ``phonemes``, the phonemes to ``<stem>.phn``."""
     raw = wav.with_name(f".{wav.stem}.espeak.tmp")
     proc = subprocess.run([exe, *voice.espeak_args(), "-w", str(raw), text], capture_output=True, text=True)
     if proc.returncode != 0 or not raw.exists():
@@ -201,6 +221,11 @@ def _synthesize(exe: str, voice: VoiceSpec, text: str, wav: Path, sample_rate: i
     tmp_txt = txt.with_name(f".{txt.name}.tmp")
     tmp_txt.write_text(text + "\n")
     os.replace(tmp_txt, txt)
+    if phonemes:
+        phn = wav.with_suffix(".phn")
+        tmp_phn = phn.with_name(f".{phn.name}.tmp")
+        tmp_phn.write_text(phonemize(exe, voice, text, phonemes) + "\n", encoding="utf-8")
+        os.replace(tmp_phn, phn)
     tmp = wav.with_name(f".{wav.name}.tmp")
     sf.write(str(tmp), pcm, sample_rate, subtype="PCM_16", format="WAV")
     os.replace(tmp, wav)
@@ -216,7 +241,7 @@ def _sync_params(raw_dir: Path, params: dict) -> None:
         removed = 0
         for spk in old.get("voices", []):
             d = raw_dir / spk
-            for f in list(d.glob("*.wav")) + list(d.glob("*.txt")) + list(d.glob(".*.tmp")):
+            for f in list(d.glob("*.wav")) + list(d.glob("*.txt")) + list(d.glob("*.phn")) + list(d.glob(".*.tmp")):
                 f.unlink()
                 removed += 1
             if d.is_dir() and not any(d.iterdir()):
@@ -229,7 +254,8 @@ def _sync_params(raw_dir: Path, params: dict) -> None:
 
 
 def generate_corpus(raw_dir: str | os.PathLike, voices: list[VoiceSpec], sentences_per_voice: int,
-                    sentences: list[str], sample_rate: int, seed: int, workers: int = 2) -> dict:
+                    sentences: list[str], sample_rate: int, seed: int, workers: int = 2,
+                    phonemes: str | None = None) -> dict:
     """Speak a seeded subset of ``sentences`` with every voice; skip utterances already on disk.
 
     Utterance stems are ``s<sentence index>`` (e.g. ``s00042``), so the same sentence read by
@@ -244,6 +270,8 @@ def generate_corpus(raw_dir: str | os.PathLike, voices: list[VoiceSpec], sentenc
     params = {"voices": [v.id for v in voices], "sentences_per_voice": sentences_per_voice, "seed": seed,
               "sample_rate": sample_rate,
               "sentences_sha256": hashlib.sha256("\n".join(sentences).encode()).hexdigest()}
+    if phonemes:
+        params["phonemes"] = phonemes
     _sync_params(raw_dir, params)
     jobs = []
     for voice in voices:
@@ -261,7 +289,7 @@ def generate_corpus(raw_dir: str | os.PathLike, voices: list[VoiceSpec], sentenc
 
     with tqdm(total=len(jobs), desc=f"espeak-ng {raw_dir.name}", unit="utt", disable=not sys.stderr.isatty()) as bar, \
             ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        futures = [ex.submit(_synthesize, exe, v, text, wav, sample_rate) for v, text, wav in jobs]
+        futures = [ex.submit(_synthesize, exe, v, text, wav, sample_rate, phonemes) for v, text, wav in jobs]
         try:
             for fut in as_completed(futures):
                 fut.result()

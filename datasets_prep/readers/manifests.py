@@ -9,7 +9,8 @@ Formats:
 
 - ``speaker-dirs``  ``<root>/<speaker>/<utt>.wav`` (VCTK/JVS style); the transcript is
   ``<utt>.txt`` (or ``.lab``) beside the audio, or a line ``<utt> <text>`` (tab or space)
-  in a per-speaker text file such as ``<root>/<speaker>/transcripts.txt``.
+  in a per-speaker text file such as ``<root>/<speaker>/transcripts.txt``; a ``<utt>.phn``
+  beside the audio becomes a ``phonemes`` column.
 - ``jsonl``         one JSON object per line: ``idx, audio_path, lyrics, prompt_wav,
   sketch_path`` plus any extra fields (kept as columns); paths relative to the manifest.
 - ``tsv``           fairseq/StreamSpeech: a header ``id audio n_frames tgt_text speaker``;
@@ -85,8 +86,12 @@ def list_speaker_dirs(root: str | os.PathLike, *, transcripts: str | None = None
                 if beside.is_file():
                     text = beside.read_text(encoding="utf-8").strip()
                     break
-            items.append({"id": f"{spk_dir.name}/{path.stem}", "speaker": spk_dir.name, "text": text,
-                          "audio": str(path.resolve())})
+            item = {"id": f"{spk_dir.name}/{path.stem}", "speaker": spk_dir.name, "text": text,
+                    "audio": str(path.resolve())}
+            phn = path.with_suffix(".phn")
+            if phn.is_file():  # phoneme transcript (the espeak generator writes one on request)
+                item["phonemes"] = phn.read_text(encoding="utf-8").strip()
+            items.append(item)
     if not items:
         raise ReaderError(f"{root} holds no <speaker>/<utt>{{{','.join(exts)}}} files")
     return items

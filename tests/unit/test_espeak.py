@@ -16,8 +16,6 @@ from datasets_prep.readers.espeak import (
     voice_pool,
 )
 
-needs_espeak = pytest.mark.usefixtures()  # espeak-ng is installed by `make test`; without it these fail loudly
-
 
 def _digest(folder) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -59,7 +57,6 @@ def test_dev_sentence_words_never_in_train():
     assert len(vocabulary()) >= 400
 
 
-@needs_espeak
 def test_corpus_is_byte_identical_mono_and_resampled(tmp_path):
     voices = voice_pool()[:2]
     sentences = make_sentences(3, seed=0)
@@ -78,10 +75,25 @@ def test_corpus_is_byte_identical_mono_and_resampled(tmp_path):
     assert again["generated"] == 0 and again["skipped"] == 6 and _digest(tmp_path / "a") == a
 
 
-@needs_espeak
 def test_changed_parameters_replace_the_old_corpus(tmp_path):
     voices = voice_pool()[:1]
     generate_corpus(tmp_path, voices, 2, make_sentences(3, seed=0), 8000, seed=0)
     out = generate_corpus(tmp_path, voices, 2, make_sentences(3, seed=5), 8000, seed=0)
     assert out["generated"] == 2
     assert len(list(tmp_path.rglob("*.wav"))) == 2
+
+
+def test_phoneme_transcripts_and_another_language(tmp_path):
+    from datasets_prep.readers.manifests import list_items
+
+    train, _ = split_voices(2, 2, seed=0, bases=["fr"])
+    assert all(v.base == "fr" for v in train)
+    sentences = ["bonjour tout le monde", "le chat dort"]
+    generate_corpus(tmp_path, train[:1], 2, sentences, 16000, seed=0, phonemes="ipa")
+    items = list_items("speaker-dirs", tmp_path)
+    assert len(items) == 2 and {i["text"] for i in items} == set(sentences)
+    by_text = {i["text"]: i["phonemes"] for i in items}
+    assert "ʃ" in by_text["le chat dort"] and "ʁ" in by_text["le chat dort"]  # French IPA: chat, dort
+    generate_corpus(tmp_path / "x", train[:1], 1, ["hello"], 16000, seed=0, phonemes="mnemonic")
+    (item,) = list_items("speaker-dirs", tmp_path / "x")
+    assert item["phonemes"] and all(ord(c) < 128 for c in item["phonemes"])  # -x mnemonics are ASCII
