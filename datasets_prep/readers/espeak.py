@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -174,20 +173,10 @@ def _check_variants(exe: str, voices: list[VoiceSpec]) -> None:
 
 
 def resample(wave: np.ndarray, orig: int, new: int) -> np.ndarray:
-    """float32 (T,) at ``orig`` Hz -> float32 (ceil(T * new / orig),) at ``new`` Hz (torchaudio's sinc).
+    """float32 (T,) at ``orig`` Hz -> float32 (ceil(T * new / orig),) at ``new`` Hz (the resample step's)."""
+    from datasets_prep.steps.audio import resample_wave
 
-    The input is zero-padded to whole seconds and the output trimmed (same values: torchaudio
-    pads with zeros anyway): oneDNN caches about 1 MB per distinct conv input shape and
-    thread, so thousands of distinct utterance lengths would otherwise cost gigabytes.
-    """
-    if orig == new:
-        return wave
-    import torch
-    import torchaudio.functional as AF
-
-    n = len(wave)
-    padded = np.pad(wave, (0, -(-n // orig) * orig - n))
-    return AF.resample(torch.from_numpy(padded)[None], orig, new)[0, : math.ceil(n * new / orig)].numpy()
+    return resample_wave(wave, orig, new)
 
 
 PHONEME_MODES = {"mnemonic": "-x", "ipa": "--ipa"}
