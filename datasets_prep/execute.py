@@ -160,8 +160,6 @@ class _ChunkTask:
 
     def __init__(self, out_dir: str, kwargs: dict[str, Any]) -> None:
         self.out_dir, self.kw = Path(out_dir), kwargs
-        steps = kwargs.pop("steps")
-        self.kw["chain"] = Chain(steps, kwargs["audio_columns"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = []
@@ -173,14 +171,12 @@ class _ChunkTask:
 
 def run_chunks(out_dir: Path, todo: list[tuple[int, list[dict[str, Any]], str]], kwargs: dict[str, Any],
                workers: int, on_done: Callable[[dict[str, Any]], None]) -> None:
-    """Process ``todo`` chunks: in this process when ``workers`` is 0, else on Ray Data."""
+    """Process ``todo`` chunks (``kwargs`` go to ``write_chunk``): here when ``workers`` is 0, else on Ray Data."""
     if not todo:
         return
     if workers == 0:
-        task = _ChunkTask(str(out_dir), dict(kwargs))
         for i, items, key in todo:
-            on_done(json.loads(task({"index": np.array([i]), "items": np.array([json.dumps(items)], dtype=object),
-                                     "key": np.array([key], dtype=object)})["record"][0]))
+            on_done(write_chunk(out_dir, i, items, key, **kwargs))
         return
     import ray.data
 
@@ -189,7 +185,7 @@ def run_chunks(out_dir: Path, todo: list[tuple[int, list[dict[str, Any]], str]],
     ctx.print_on_execution_start = False
     ds = ray.data.from_items([{"index": i, "items": json.dumps(items), "key": key} for i, items, key in todo],
                              override_num_blocks=len(todo))
-    ds = ds.map_batches(_ChunkTask, fn_constructor_args=(str(out_dir), dict(kwargs)), batch_size=1,
+    ds = ds.map_batches(_ChunkTask, fn_constructor_args=(str(out_dir), kwargs), batch_size=1,
                         batch_format="numpy", concurrency=workers, num_cpus=1)
     for row in ds.iter_rows():
         on_done(json.loads(row["record"]))
@@ -251,7 +247,7 @@ def prepare_items(items: list[dict[str, Any]], out_dir: str | os.PathLike, *, ki
         elif len(records) % max(1, len(chunks) // 10) == 0 or len(records) == len(chunks):
             print(f"  {len(records)}/{len(chunks)} shards ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    run_chunks(out, todo, {"audio_columns": list(audio_columns), "steps": steps,
+    run_chunks(out, todo, {"audio_columns": list(audio_columns), "chain": chain,
                            "expect_sample_rate": expect_sample_rate, "audio_format": audio_format},
                workers, done)
     if bar is not None:

@@ -97,6 +97,19 @@ def list_speaker_dirs(root: str | os.PathLike, *, transcripts: str | None = None
     return items
 
 
+def _unique(rows: Any, path: Path, kind: str, id_name: str) -> list[dict[str, Any]]:
+    """Items from ``(where, item)`` pairs; a repeated id or no row at all is an error naming the file."""
+    items, seen = [], set()
+    for where, item in rows:
+        if item["id"] in seen:
+            raise ReaderError(f"{where}: duplicate {id_name} {item['id']!r}")
+        seen.add(item["id"])
+        items.append(item)
+    if not items:
+        raise ReaderError(f"{kind} manifest {path} has no rows")
+    return items
+
+
 def _resolve(base: Path, value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise ReaderError(f"{where}: expected a file path, got {value!r}")
@@ -114,7 +127,11 @@ def list_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ReaderError(f"JSONL manifest {path} does not exist")
-    base, items, seen = path.parent, [], set()
+    return _unique(_jsonl_rows(path), path, "JSONL", "idx")
+
+
+def _jsonl_rows(path: Path) -> Any:
+    base = path.parent
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -135,13 +152,7 @@ def list_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         for field in JSONL_PATH_FIELDS:
             if row.get(field):
                 item[field] = _resolve(base, row[field], f"{where} {field}")
-        if item["id"] in seen:
-            raise ReaderError(f"{where}: duplicate idx {item['id']!r}")
-        seen.add(item["id"])
-        items.append(item)
-    if not items:
-        raise ReaderError(f"JSONL manifest {path} has no rows")
-    return items
+        yield where, item
 
 
 TSV_COLUMNS = ("id", "audio", "n_frames", "tgt_text", "speaker")
@@ -160,23 +171,20 @@ def list_tsv(path: str | os.PathLike) -> list[dict[str, Any]]:
         missing = [c for c in ("id", "audio") if c not in header]
         if missing:
             raise ReaderError(f"{path}: header {header} lacks {missing} (expected the tab-separated header: {TSV_HEADER})")
-        items, seen = [], set()
-        for lineno, row in enumerate(reader, 2):
-            if None in row or any(v is None for v in row.values()):
-                raise ReaderError(f"{path}:{lineno}: {len(header)} tab-separated fields expected")
-            item = {k: v for k, v in row.items() if k not in ("tgt_text",)}
-            item["audio"] = _resolve(path.parent, row["audio"], f"{path}:{lineno} audio")
-            item["text"] = row.get("tgt_text", "")
-            item.setdefault("speaker", "")
-            if "n_frames" in item:
-                item["n_frames"] = int(item["n_frames"]) if str(item["n_frames"]).strip() else -1
-            if item["id"] in seen:
-                raise ReaderError(f"{path}:{lineno}: duplicate id {item['id']!r}")
-            seen.add(item["id"])
-            items.append(item)
-    if not items:
-        raise ReaderError(f"TSV manifest {path} has no rows")
-    return items
+        return _unique(_tsv_rows(reader, path, header), path, "TSV", "id")
+
+
+def _tsv_rows(reader: csv.DictReader, path: Path, header: list[str]) -> Any:
+    for lineno, row in enumerate(reader, 2):
+        if None in row or any(v is None for v in row.values()):
+            raise ReaderError(f"{path}:{lineno}: {len(header)} tab-separated fields expected")
+        item = {k: v for k, v in row.items() if k not in ("tgt_text",)}
+        item["audio"] = _resolve(path.parent, row["audio"], f"{path}:{lineno} audio")
+        item["text"] = row.get("tgt_text", "")
+        item.setdefault("speaker", "")
+        if "n_frames" in item:
+            item["n_frames"] = int(item["n_frames"]) if str(item["n_frames"]).strip() else -1
+        yield f"{path}:{lineno}", item
 
 
 def list_wsj0_2mix(root: str | os.PathLike, *, exts: tuple[str, ...] = AUDIO_EXTS) -> list[dict[str, Any]]:

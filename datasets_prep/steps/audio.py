@@ -22,10 +22,6 @@ class StepParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _audio(row: dict[str, Any], columns: list[str]) -> list[np.ndarray]:
-    return [row[c] for c in columns]
-
-
 # ---- resample ------------------------------------------------------------------------------------
 class Resample(StepParams):
     sample_rate: int = Field(16000, gt=0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,7 +110,7 @@ def test_unknown_step_and_bad_params() -> None:
         Chain([("vad_trim", {"aggressiveness": 7})], ["audio"])
 
 
-def test_steps_do_not_need_files(tmp_path: Path) -> None:
+def test_steps_do_not_need_files() -> None:
     # the chain works on in-memory rows: what Ray Data tasks hand it
     rows = Chain([], ["audio"])(_row(np.ones(10)))
     assert len(rows) == 1 and rows[0]["audio"].dtype == np.float32
