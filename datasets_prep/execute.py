@@ -183,9 +183,9 @@ def run_chunks(out_dir: Path, todo: list[tuple[int, list[dict[str, Any]], str]],
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar: ours, per finished shard
     ctx.print_on_execution_start = False
-    ds = ray.data.from_items([{"index": i, "items": json.dumps(items), "key": key} for i, items, key in todo],
-                             override_num_blocks=len(todo))
-    ds = ds.map_batches(_ChunkTask, fn_constructor_args=(str(out_dir), kwargs), batch_size=1,
+    source = ray.data.from_items([{"index": i, "items": json.dumps(items), "key": key} for i, items, key in todo],
+                                 override_num_blocks=len(todo))
+    ds = source.map_batches(_ChunkTask, fn_constructor_args=(str(out_dir), kwargs), batch_size=1,
                         batch_format="numpy", concurrency=workers, num_cpus=1)
     for row in ds.iter_rows():
         on_done(json.loads(row["record"]))

@@ -79,10 +79,10 @@ def split_items(items: list[dict[str, Any]], ratios: dict[str, float] | str, *, 
             assign[spk] = n
             got[n] += counts[spk]
         if target[n] > 0 and got[n] == 0:  # every speaker is bigger than the split: take the smallest
-            spk = min((s for s in speakers if s not in assign), key=lambda s: counts[s], default=None)
-            if spk is not None:
-                assign[spk] = n
-                got[n] += counts[spk]
+            smallest = min((s for s in speakers if s not in assign), key=lambda s: counts[s], default=None)
+            if smallest is not None:
+                assign[smallest] = n
+                got[n] += counts[smallest]
     largest = max(names, key=lambda n: ratios[n])
     return {n: [it for it in items if assign.get(str(it[speaker_key]), largest) == n] for n in names}
 
@@ -117,7 +117,7 @@ def split_manifest(path: str | os.PathLike, ratios: str | dict[str, float], *, b
             if fmt == "jsonl":
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
             else:
-                w = csv.DictWriter(f, fieldnames=header, delimiter="\t", quoting=csv.QUOTE_NONE, lineterminator="\n",
+                w = csv.DictWriter(f, fieldnames=header or [], delimiter="\t", quoting=csv.QUOTE_NONE, lineterminator="\n",
                                    escapechar="\\")
                 w.writeheader()
                 w.writerows(part)

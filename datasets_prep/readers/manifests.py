@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +174,7 @@ def list_tsv(path: str | os.PathLike) -> list[dict[str, Any]]:
         return _unique(_tsv_rows(reader, path, header), path, "TSV", "id")
 
 
-def _tsv_rows(reader: csv.DictReader, path: Path, header: list[str]) -> Any:
+def _tsv_rows(reader: csv.DictReader, path: Path, header: Sequence[str]) -> Any:
     for lineno, row in enumerate(reader, 2):
         if None in row or any(v is None for v in row.values()):
             raise ReaderError(f"{path}:{lineno}: {len(header)} tab-separated fields expected")
