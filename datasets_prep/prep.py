@@ -1,14 +1,20 @@
-"""``raytrain prep CONFIG``: raw corpus -> shard datasets, as one YAML-driven, restartable step.
+"""``raytrain prep CONFIG``: a corpus -> shard datasets, as one YAML-driven, restartable step.
 
-For the separation recipes it writes three datasets under ``output_dir``:
+A prep YAML names its source in one of two ways:
 
-- ``train``       speech shards of the train voices reading train sentences
-- ``dev_speech``  speech shards of held-out voices (unseen timbres) reading held-out sentences
-- ``dev``         fixed 2-speaker mixtures made only from ``dev_speech``
+- ``input: {format, path}``: a corpus the user has (``speaker-dirs``, ``jsonl``, ``tsv``,
+  ``wsj0-2mix``; see ``datasets_prep.readers.manifests``), run through ``steps`` and, with
+  ``splits``, cut into one dataset folder per split under ``output_dir`` (else ``output_dir``
+  is the dataset);
+- ``generator: {kind: espeak, ...}``: the synthetic separation corpus, written as three
+  datasets under ``output_dir``: ``train`` (train voices reading train sentences),
+  ``dev_speech`` (held-out voices reading held-out sentences) and ``dev`` (fixed 2-speaker
+  mixtures made only from ``dev_speech``).
 
-Every step is restartable: raw utterances already on disk are not re-synthesised,
-finished shards are not rewritten, and a split whose manifest already records the same
-prep parameters is skipped entirely.
+Either way the shards are written by the Ray Data executor (``datasets_prep.execute``) on
+``workers`` tasks: bad files become rows of ``rejects.parquet``, finished shards are not
+rewritten, and the manifest records every step's parameters. A generator split whose manifest
+already records the same parameters is skipped entirely (raw utterances are not re-synthesised).
 """
 
 from __future__ import annotations
@@ -16,17 +22,21 @@ from __future__ import annotations
 import difflib
 import json
 import time
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow.parquet as pq
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from datasets_prep.execute import prepare_items
 from datasets_prep.mixtures import mixture_params, write_fixed_mixtures
-from datasets_prep.readers.espeak import generate_corpus, make_sentences, resample, split_voices, vocab_split
-from datasets_prep.readers.speaker_dirs import read_speaker_dirs
-from datasets_prep.shards import MANIFEST_NAME, ShardWriter, read_manifest, shard_paths
+from datasets_prep.readers.espeak import generate_corpus, make_sentences, split_voices, vocab_split
+from datasets_prep.readers.manifests import AUDIO_PATH_COLUMNS, list_items
+from datasets_prep.shards import MANIFEST_NAME, decode_audio, read_manifest, shard_paths
+from datasets_prep.splits import parse_ratios, split_items
+from datasets_prep.steps.audio import STEPS
 
 
 class _Strict(BaseModel):
@@ -65,23 +75,96 @@ class DevMixtures(_Strict):
     snr_db: tuple[float, float] = (-2.5, 2.5)
 
 
+class InputSpec(_Strict):
+    """A corpus on disk: a folder or manifest in one of the reader formats."""
+
+    format: Literal["speaker-dirs", "jsonl", "tsv", "wsj0-2mix"]
+    path: Path
+    options: dict[str, Any] = Field(default_factory=dict)  # reader options, e.g. {transcripts: text.txt}
+
+
+class SplitSpec(_Strict):
+    """Seeded validation/test splits: by item or by speaker (no speaker in two splits)."""
+
+    ratios: dict[str, float]  # e.g. {train: 0.9, dev: 0.05, test: 0.05}; what is left up to 1 goes to train
+    by: Literal["item", "speaker"] = "item"
+    seed: int = 0
+
+    @field_validator("ratios", mode="before")
+    @classmethod
+    def _ratios(cls, v: Any) -> Any:  # also "train=0.9,dev=0.1"; a rest below 1 goes to train
+        return parse_ratios(v) if isinstance(v, str | dict) else v
+
+
+StepSpec = str | dict[str, dict[str, Any] | None]  # "vad_trim" or {vad_trim: {pad_ms: 150}}
+
+
 class PrepConfig(_Strict):
     name: str
-    sample_rate: int = Field(default=16000, gt=0)
-    raw_dir: Path
+    sample_rate: int | None = Field(default=None, gt=0)  # output rate; fills the resample step's default
     output_dir: Path
-    generator: EspeakGenerator
-    dev_mixtures: DevMixtures = Field(default_factory=lambda: DevMixtures())
+    input: InputSpec | None = None
+    generator: EspeakGenerator | None = None
+    raw_dir: Path | None = None  # generator only: where the synthesised wavs go
+    dev_mixtures: DevMixtures | None = None  # generator only (default: DevMixtures())
+    steps: list[StepSpec] = Field(default_factory=list)
+    splits: SplitSpec | None = None  # input only
     rows_per_shard: int = Field(default=200, ge=1)
+    audio_format: Literal["pcm_s16le", "flac", "f32le"] = "pcm_s16le"
+    workers: int = Field(default=2, ge=0)  # Ray Data tasks at once (0: in this process, no Ray)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PrepConfig:
+        if (self.input is None) == (self.generator is None):
+            raise ValueError("give exactly one of input: {format, path} (a corpus) or generator: {kind: espeak}")
+        if self.generator is not None:
+            if self.raw_dir is None:
+                raise ValueError("raw_dir: the espeak generator needs a folder for its wavs")
+            if self.splits is not None:
+                raise ValueError("splits: the espeak generator makes its own train/dev_speech/dev splits")
+            if self.sample_rate is None:
+                self.sample_rate = 16000
+            if self.dev_mixtures is None:
+                self.dev_mixtures = DevMixtures()
+        elif self.raw_dir is not None or self.dev_mixtures is not None:
+            raise ValueError("raw_dir/dev_mixtures belong to the espeak generator, not to input")
+        for spec in self.steps:
+            name, params = _step(spec)
+            if name not in STEPS:
+                near = difflib.get_close_matches(name, list(STEPS), n=1)
+                raise ValueError(f"steps: unknown step {name!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                                 + f"; use some of {list(STEPS)}")
+            if name == "resample" and "sample_rate" not in params and self.sample_rate is None:
+                raise ValueError("steps: resample needs sample_rate (top level) or {resample: {sample_rate: N}}")
+        return self
+
+    def step_list(self) -> list[tuple[str, dict[str, Any]]]:
+        """[(name, params)], the resample step's rate filled from ``sample_rate``; a generator corpus is
+        always resampled to ``sample_rate`` first."""
+        steps = [_step(s) for s in self.steps]
+        steps = [(n, {"sample_rate": self.sample_rate, **p} if n == "resample" else p) for n, p in steps]
+        if self.generator is not None and not any(n == "resample" for n, _ in steps):
+            steps.insert(0, ("resample", {"sample_rate": self.sample_rate}))
+        return steps
+
+
+def _step(spec: StepSpec) -> tuple[str, dict[str, Any]]:
+    if isinstance(spec, str):
+        return spec, {}
+    if len(spec) != 1:
+        raise ValueError(f"steps: each entry is a name or {{name: {{params}}}}, got {spec}")
+    name, params = next(iter(spec.items()))
+    return name, dict(params or {})
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        models = [a for a in (ann, *typing.get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not models:  # a plain value, or not a model (X | None counts as X)
             return []
-        model = ann
+        model = models[0]
     return list(model.model_fields)
 
 
@@ -114,47 +197,91 @@ def load_prep_config(path: str | Path, overrides: dict | None = None) -> PrepCon
             if err["type"] == "extra_forbidden":
                 near = difflib.get_close_matches(str(err["loc"][-1]), _fields_at(PrepConfig, err["loc"]), n=1)
                 msg = "unknown key" + (f" (did you mean {near[0]!r}?)" if near else "")
-            lines.append(f"  {key}: {msg}")
+            lines.append(f"  {key}: {msg}" if key else f"  {msg.removeprefix('Value error, ')}")
         raise ValueError(f"invalid prep config {path}:\n" + "\n".join(lines)) from None
 
 
 def _up_to_date(folder: Path, prep: dict) -> bool:
+    """True when ``folder`` holds a dataset whose manifest records these parameters."""
     if not (folder / MANIFEST_NAME).exists():
         return False
-    return read_manifest(folder)["prep"] == json.loads(json.dumps(prep))
-
-
-def _write_speech(raw: Path, out: Path, cfg: PrepConfig, prep: dict) -> dict:
-    with ShardWriter(out, kind="speech", sample_rate=cfg.sample_rate, audio_columns=["audio"],
-                     rows_per_shard=cfg.rows_per_shard, prep=prep) as writer:
-        for rec in read_speaker_dirs(raw):
-            audio = resample(rec["audio"], rec["sample_rate"], cfg.sample_rate)
-            writer.write({"id": rec["id"], "speaker": rec["speaker"], "text": rec["text"], "audio": audio})
-    return writer.manifest()
+    recorded = read_manifest(folder).get("prep", {})
+    return all(recorded.get(k) == v for k, v in json.loads(json.dumps(prep)).items())
 
 
 def _read_speech_shards(folder: Path) -> list[dict]:
+    man = read_manifest(folder)
     rows: list[dict] = []
-    for p in shard_paths(folder, read_manifest(folder)):
+    for p in shard_paths(folder, man):
         rows.extend(pq.read_table(p, columns=["id", "speaker", "audio", "sample_rate"]).to_pylist())
+    for r in rows:
+        r["audio"] = decode_audio(r["audio"], man.get("audio_format", "pcm_s16le"))
     return rows
 
 
+def _resolve(root: Path, p: Path) -> Path:
+    return p if p.is_absolute() else root / p
+
+
 def run_prep(config_path: str | Path, *, overrides: dict | None = None, root: Path | None = None) -> dict:
-    """Generate, read back and shard every split; returns {"name", "output_dir", "splits", "seconds"}.
+    """Prepare every dataset of a prep YAML; returns {"name", "output_dir", "splits", "seconds"}.
 
     Relative paths in the YAML resolve against ``root`` (default: the current directory).
     """
+    return run_prep_config(load_prep_config(config_path, overrides), root=root)
+
+
+def run_prep_config(cfg: PrepConfig, *, root: Path | None = None) -> dict:
+    """``run_prep`` of a validated config (the flag form of ``raytrain prep`` builds one)."""
     t_all = time.perf_counter()
-    cfg = load_prep_config(config_path, overrides)
     root = Path(root) if root is not None else Path.cwd()
-    raw_dir = cfg.raw_dir if cfg.raw_dir.is_absolute() else root / cfg.raw_dir
-    out_dir = cfg.output_dir if cfg.output_dir.is_absolute() else root / cfg.output_dir
-    g = cfg.generator
+    out_dir = _resolve(root, cfg.output_dir)
+    splits = _run_generator(cfg, root, out_dir) if cfg.generator is not None else _run_input(cfg, root, out_dir)
+    result = {"name": cfg.name, "output_dir": str(out_dir), "splits": splits,
+              "seconds": round(time.perf_counter() - t_all, 1)}
+    _print_table(result)
+    return result
+
+
+def _write(items: list[dict], out: Path, cfg: PrepConfig, kind: str, audio_columns: list[str], prep: dict,
+           expect_sample_rate: int | None) -> None:
+    prepare_items(items, out, kind=kind, audio_columns=audio_columns, steps=cfg.step_list(),
+                  rows_per_shard=cfg.rows_per_shard, audio_format=cfg.audio_format,
+                  expect_sample_rate=expect_sample_rate, workers=cfg.workers, prep=prep)
+
+
+def _run_input(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, dict]:
+    spec = cfg.input
+    assert spec is not None
+    source = _resolve(root, spec.path)
+    items = list_items(spec.format, source, **spec.options)
+    has_resample = any(n == "resample" for n, _ in cfg.step_list())
+    base: dict[str, Any] = {"name": cfg.name, "format": spec.format, "source": str(source)}
+    parts = {"": items}
+    if cfg.splits is not None:
+        parts = split_items(items, cfg.splits.ratios, by=cfg.splits.by, seed=cfg.splits.seed)
+        base["split_by"] = cfg.splits.model_dump(mode="json")
+    out: dict[str, dict] = {}
+    for split, part in parts.items():
+        t0 = time.perf_counter()
+        folder = out_dir / split if split else out_dir
+        if not part:
+            raise ValueError(f"split {split!r} of {source} is empty: give it a larger ratio or use more data")
+        _write(part, folder, cfg, "mixtures" if spec.format == "wsj0-2mix" else "speech",
+               list(AUDIO_PATH_COLUMNS[spec.format]), {**base, "split": split or None},
+               None if has_resample else cfg.sample_rate)
+        out[split or folder.name] = _summary(folder, "done", t0)
+    return out
+
+
+def _run_generator(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, dict]:
+    g, m, sr = cfg.generator, cfg.dev_mixtures, cfg.sample_rate
+    assert g is not None and m is not None and sr is not None and cfg.raw_dir is not None
+    raw_dir = _resolve(root, cfg.raw_dir)
     train_voices, dev_voices = split_voices(g.train_voices, g.dev_voices, g.seed, g.dev_variant_fraction,
                                             bases=g.language)
     train_slice, dev_slice = vocab_split(g.dev_vocab_fraction)
-    base = {"name": cfg.name, "sample_rate": cfg.sample_rate, "rows_per_shard": cfg.rows_per_shard,
+    base = {"name": cfg.name, "sample_rate": sr, "rows_per_shard": cfg.rows_per_shard,
             "source": g.model_dump(mode="json", exclude={"workers"}, exclude_none=True)}
     plans = [
         ("train", train_voices, make_sentences(g.train_sentences, g.seed, train_slice)),
@@ -165,42 +292,45 @@ def run_prep(config_path: str | Path, *, overrides: dict | None = None, root: Pa
         t0 = time.perf_counter()
         out, prep = out_dir / split, {**base, "split": split}
         status = "up to date"
-        if not _up_to_date(out, prep):
-            generate_corpus(raw_dir / split, voices, g.utterances_per_voice, sentences, cfg.sample_rate,
+        if not _up_to_date(out, {**prep, "steps": _described(cfg), "audio_format": cfg.audio_format}):
+            generate_corpus(raw_dir / split, voices, g.utterances_per_voice, sentences, sr,
                             g.seed, workers=g.workers, phonemes=g.phonemes)
-            _write_speech(raw_dir / split, out, cfg, prep)
+            _write(list_items("speaker-dirs", raw_dir / split), out, cfg, "speech", ["audio"], prep, None)
             status = "written"
         splits[split] = _summary(out, status, t0)
 
     t0 = time.perf_counter()
-    m = cfg.dev_mixtures
     dev_prep = {**base, "split": "dev", "from": "dev_speech"}
     full = {"mixtures": mixture_params(m.num, m.seed, m.max_seconds, m.snr_db), **dev_prep}
     status = "up to date"
     if not _up_to_date(out_dir / "dev", full):
         write_fixed_mixtures(_read_speech_shards(out_dir / "dev_speech"), out_dir / "dev", num_mixtures=m.num,
-                             seed=m.seed, sample_rate=cfg.sample_rate, max_seconds=m.max_seconds,
+                             seed=m.seed, sample_rate=sr, max_seconds=m.max_seconds,
                              snr_db=m.snr_db, rows_per_shard=cfg.rows_per_shard, prep=dev_prep)
         status = "written"
     splits["dev"] = _summary(out_dir / "dev", status, t0)
-    result = {"name": cfg.name, "output_dir": str(out_dir), "splits": splits,
-              "seconds": round(time.perf_counter() - t_all, 1)}
-    _print_table(result)
-    return result
+    return splits
+
+
+def _described(cfg: PrepConfig) -> list[dict[str, Any]]:
+    from datasets_prep.steps.audio import Chain
+
+    return Chain(cfg.step_list(), ["audio"]).describe()
 
 
 def _summary(folder: Path, status: str, t0: float) -> dict:
     man = read_manifest(folder)
     return {"path": str(folder), "status": status, "rows": man["rows"], "hours": man["hours"],
-            "speakers": man["num_speakers"], "seconds": round(time.perf_counter() - t0, 1)}
+            "speakers": man["num_speakers"], "rejects": man.get("rejects", {}).get("count", 0),
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _print_table(result: dict) -> None:
     print(f"prep {result['name']} -> {result['output_dir']}")
-    print(f"  {'split':<11} {'status':<10} {'rows':>6} {'hours':>7} {'speakers':>8} {'seconds':>8}")
+    print(f"  {'split':<11} {'status':<10} {'rows':>6} {'hours':>7} {'speakers':>8} {'rejects':>7} {'seconds':>8}")
     for split, s in result["splits"].items():
         print(f"  {split:<11} {s['status']:<10} {s['rows']:>6} {s['hours']:>7.3f} {s['speakers']:>8} "
-              f"{s['seconds']:>8.1f}")
+              f"{s['rejects']:>7} {s['seconds']:>8.1f}")
     print(f"  total {result['seconds']:.1f} s")
 
 

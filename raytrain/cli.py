@@ -50,20 +50,29 @@ def _prep(args: argparse.Namespace) -> int:
 
 
 def _prep_flags(args: argparse.Namespace) -> int:
-    from datasets_prep.execute import prep_corpus
+    from pydantic import ValidationError
+
+    from datasets_prep.prep import PrepConfig, run_prep_config
     from datasets_prep.readers.manifests import READERS, ReaderError
 
     missing = [f for f, v in (("--input", args.input), ("--format", args.format), ("--output-dir", args.output_dir))
                if v is None]
     if missing:
         raise ConfigError(f"raytrain prep: {', '.join(missing)} missing (formats: {', '.join(READERS)})")
-    if args.workers > 0:
-        from raytrain.pipeline import ray_init
-
-        ray_init()
+    spec: dict = {"name": Path(args.output_dir).name, "input": {"format": args.format, "path": args.input},
+                  "output_dir": args.output_dir, "steps": args.steps, "sample_rate": args.sample_rate,
+                  "workers": args.workers, "rows_per_shard": args.rows_per_shard, "audio_format": args.audio_format}
+    if args.split:
+        spec["splits"] = {"ratios": args.split, "by": args.split_by, "seed": args.seed}
     try:
-        prep_corpus(args.input, args.format, args.output_dir, steps=args.steps, sample_rate=args.sample_rate,
-                    workers=args.workers, rows_per_shard=args.rows_per_shard, audio_format=args.audio_format)
+        cfg = PrepConfig.model_validate(spec)
+    except ValidationError as exc:
+        flag = {"path": "input", "ratios": "split", "by": "split-by"}
+        lines = [f"--{flag.get(str(e['loc'][-1]), str(e['loc'][-1])).replace('_', '-')}: {e['msg']}" if e["loc"]
+                 else e["msg"].removeprefix("Value error, ") for e in exc.errors()]
+        raise ConfigError("raytrain prep: " + "; ".join(lines)) from None
+    try:
+        run_prep_config(cfg)
     except (ReaderError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     return 0
@@ -128,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="Ray Data tasks at once (0: this process, no Ray)")
     p.add_argument("--rows-per-shard", type=int, default=200, help="input files per shard")
     p.add_argument("--audio-format", default="pcm_s16le", help="pcm_s16le (default) | flac | f32le")
+    p.add_argument("--split", help="split ratios, e.g. train=0.9,dev=0.05,test=0.05: one dataset folder each")
+    p.add_argument("--split-by", default="item", choices=["item", "speaker"], help="split by item or by speaker")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     p.set_defaults(fn=_prep)
     p = sub.add_parser("infer", help="separate wav files with a trained model")
     p.add_argument("source", help="run folder runs/<pipeline>/<id>, a phase folder, or a model.pt")

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import soundfile as sf
 import yaml
 
+from datasets_prep.shards import read_manifest
 from raytrain.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -114,4 +117,19 @@ def test_prep_flag_form_names_what_is_missing(capsys: pytest.CaptureFixture) -> 
     assert main(["prep", "--format", "jsonl"]) == 2
     assert "--input, --output-dir missing" in capsys.readouterr().err
     assert main(["prep", "--input", "x", "--format", "kaldi", "--output-dir", "o", "--workers", "0"]) == 2
-    assert "unknown input format 'kaldi'" in capsys.readouterr().err
+    assert "--format: Input should be 'speaker-dirs', 'jsonl', 'tsv' or 'wsj0-2mix'" in capsys.readouterr().err
+    assert main(["prep", "--input", "x", "--format", "tsv", "--output-dir", "o", "--steps", "resample"]) == 2
+    assert "resample needs sample_rate" in capsys.readouterr().err
+
+
+def test_prep_flag_form_splits_by_speaker(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for k in range(8):
+        spk = tmp_path / "raw" / f"spk{k % 4}"
+        spk.mkdir(parents=True, exist_ok=True)
+        sf.write(str(spk / f"u{k}.wav"), 0.1 * np.sin(np.arange(4000) * (0.05 + 0.01 * k)), 8000, subtype="PCM_16")
+    assert main(["prep", "--input", str(tmp_path / "raw"), "--format", "speaker-dirs", "--output-dir",
+                 str(tmp_path / "out"), "--split", "train=0.75,test=0.25", "--split-by", "speaker", "--workers",
+                 "0"]) == 0
+    test = read_manifest(tmp_path / "out" / "test")
+    assert test["rows"] == 2 and test["num_speakers"] == 1 and read_manifest(tmp_path / "out" / "train")["rows"] == 6
+    assert "test" in capsys.readouterr().out

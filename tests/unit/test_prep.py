@@ -1,4 +1,4 @@
-"""Speaker-dir reader, fixed dev mixtures and the end-to-end `raytrain prep` of a tiny corpus."""
+"""Fixed dev mixtures and the end-to-end `raytrain prep` of prep YAMLs: the espeak generator and an input corpus."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import soundfile as sf
 
 from datasets_prep.mixtures import write_fixed_mixtures
 from datasets_prep.prep import load_prep_config, run_prep
-from datasets_prep.readers.speaker_dirs import read_speaker_dirs
+from datasets_prep.readers.manifests import list_speaker_dirs
 from datasets_prep.shards import decode_pcm16, read_manifest, shard_paths
+from datasets_prep.steps.load import load_item
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "prep" / "separation_tiny.yaml"
 TINY = {"generator.train_voices": 3, "generator.dev_voices": 2, "generator.utterances_per_voice": 3,
         "generator.train_sentences": 20, "generator.dev_sentences": 10, "dev_mixtures.num": 6,
-        "rows_per_shard": 4}
+        "rows_per_shard": 4, "workers": 0}
 
 
 def _tone(sr: int, seconds: float, freq: float, channels: int = 1) -> np.ndarray:
@@ -35,28 +36,9 @@ def _speaker_dirs(root: Path, sr: int = 8000) -> None:
             (root / spk / f"u{u}.txt").write_text(f"{spk} says {u}\n")
 
 
-def test_read_speaker_dirs_sorted_with_text(tmp_path):
-    _speaker_dirs(tmp_path)
-    (tmp_path / "amy" / ".u9.wav.tmp").write_bytes(b"junk")  # a killed run's temp file: ignored
-    sf.write(str(tmp_path / "amy" / "v0.wav"), _tone(8000, 0.5, 300, channels=2), 8000)
-    with pytest.warns(UserWarning, match="2 channels"):
-        recs = list(read_speaker_dirs(tmp_path))
-    assert [r["id"] for r in recs][:4] == ["amy/u0", "amy/u1", "amy/u2", "amy/v0"]
-    assert recs[0]["text"] == "amy says 0" and recs[3]["text"] == ""
-    assert recs[3]["audio"].ndim == 1 and recs[0]["audio"].dtype == np.float32
-    assert recs[0]["sample_rate"] == 8000 and len(recs) == 10
-
-
-def test_read_speaker_dirs_names_a_corrupt_file(tmp_path):
-    _speaker_dirs(tmp_path)
-    (tmp_path / "bob" / "u1.wav").write_bytes(b"RIFF not really a wav")
-    with pytest.raises(ValueError, match=r"bob/u1\.wav"):
-        list(read_speaker_dirs(tmp_path))
-
-
 def test_fixed_mixtures(tmp_path):
     _speaker_dirs(tmp_path / "raw")
-    recs = list(read_speaker_dirs(tmp_path / "raw"))
+    recs = [load_item(it, ["audio"]) for it in list_speaker_dirs(tmp_path / "raw")]
     man = write_fixed_mixtures(recs, tmp_path / "dev", num_mixtures=12, seed=3, sample_rate=8000,
                                max_seconds=1.5, rows_per_shard=5)
     assert man["kind"] == "mixtures" and man["rows"] == 12 and len(man["shards"]) == 3
@@ -106,3 +88,57 @@ def test_prep_end_to_end_and_rerun_skips(tmp_path, capsys):
     changed = run_prep(CONFIG, overrides={**TINY, "dev_mixtures.num": 4}, root=tmp_path)
     assert changed["splits"]["train"]["status"] == "up to date"
     assert changed["splits"]["dev"]["status"] == "written" and changed["splits"]["dev"]["rows"] == 4
+
+
+def _input_config(tmp_path: Path, extra: str = "") -> Path:
+    cfg = tmp_path / "corpus.yaml"
+    cfg.write_text("name: corpus\noutput_dir: shards\nsample_rate: 8000\nrows_per_shard: 2\nworkers: 0\n"
+                   "input: {format: speaker-dirs, path: raw}\n" + extra)
+    return cfg
+
+
+def test_input_corpus_with_steps_and_speaker_splits(tmp_path, capsys):
+    _speaker_dirs(tmp_path / "raw", sr=16000)
+    (tmp_path / "raw" / "cat" / "u1.wav").write_bytes(b"RIFF broken")
+    cfg = _input_config(tmp_path, "steps: [resample, {normalize: {peak_db: -3.0}}]\n"
+                                  "splits: {by: speaker, ratios: {train: 0.6, dev: 0.4}, seed: 1}\n")
+    out = run_prep(cfg, root=tmp_path)
+    assert set(out["splits"]) == {"train", "dev"}
+    train, dev = (read_manifest(tmp_path / "shards" / s) for s in ("train", "dev"))
+    assert not set(train["speaker_hours"]) & set(dev["speaker_hours"])  # no voice in both splits
+    assert train["num_speakers"] + dev["num_speakers"] == 3 and train["sample_rate"] == dev["sample_rate"] == 8000
+    assert [s["step"] for s in train["steps"]] == ["resample", "normalize"]
+    assert train["steps"][0]["sample_rate"] == 8000 and train["steps"][1]["peak_db"] == -3.0
+    assert train["prep"]["split_by"] == {"ratios": {"train": 0.6, "dev": 0.4}, "by": "speaker", "seed": 1}
+    rejected = [s for s in out["splits"].values() if s["rejects"]]
+    assert len(rejected) == 1 and rejected[0]["rejects"] == 1 and rejected[0]["rows"] + 1 == 3 * (
+        rejected[0]["speakers"])
+    row = pq.read_table(shard_paths(tmp_path / "shards" / "train", train)[0]).to_pylist()[0]
+    peak = np.abs(decode_pcm16(row["audio"])).max()
+    assert abs(20 * np.log10(peak) + 3.0) < 0.01
+    assert "rejects" in capsys.readouterr().out
+
+
+def test_input_corpus_without_splits_is_one_dataset_and_rates_are_checked(tmp_path):
+    _speaker_dirs(tmp_path / "raw", sr=8000)
+    sf.write(str(tmp_path / "raw" / "amy" / "u9.wav"), _tone(16000, 1.0, 300), 16000, subtype="PCM_16")
+    run_prep(_input_config(tmp_path), root=tmp_path)
+    man = read_manifest(tmp_path / "shards")
+    assert man["rows"] == 9 and man["rejects"]["count"] == 1  # the 16 kHz file, no resample step
+    reason = pq.read_table(tmp_path / "shards" / "rejects.parquet").to_pylist()[0]["reason"]
+    assert "wrong sample rate 16000 Hz" in reason and "resample" in reason
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ("steps: [vad_trimm]\n", "unknown step 'vad_trimm' (did you mean 'vad_trim'?)"),
+    ("steps: [{vad_trim: {pad_m: 3}}]\n", "pad_m"),
+    ("generator: {kind: espeak}\n", "exactly one of input"),
+    ("splits: {ratios: {train: 0.5, dev: 0.7}}\n", "splits.ratios: Value error, split ratios add up to 1.200 > 1"),
+    ("input2: 3\n", "input2: unknown key (did you mean 'input'?)"),
+])
+def test_input_config_errors_name_the_key_and_the_fix(tmp_path, extra, message):
+    (tmp_path / "raw" / "amy").mkdir(parents=True)
+    sf.write(str(tmp_path / "raw" / "amy" / "u0.wav"), _tone(8000, 1.0, 300), 8000, subtype="PCM_16")
+    with pytest.raises(ValueError) as err:
+        run_prep(_input_config(tmp_path, extra), root=tmp_path)
+    assert message in str(err.value)
