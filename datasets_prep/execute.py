@@ -7,10 +7,12 @@ written after it. Each chunk is one Ray Data row, processed by ``map_batches`` o
 ``workers`` CPUs: load -> steps -> encode -> atomic write. A re-run skips every chunk
 whose record carries the same key (prep parameters + item ids) and whose shard still has
 the recorded sha256, so a killed run resumes where it stopped and ends with the same
-bytes. ``_manifest.json`` (and ``rejects.parquet``) are written last, by the driver.
+bytes. Once every chunk is done, the driver gives all shards one schema (``unify_shards``:
+a column that was all None or absent in a chunk is rewritten there with the others' type).
+``_manifest.json`` (and ``_rejects.parquet``) are written last, by the driver.
 
 An item that cannot be used (unreadable, empty, NaN, wrong rate, too short after
-trimming...) is a reject: a row of ``rejects.parquet`` with its reason, counted in the
+trimming...) is a reject: a row of ``_rejects.parquet`` with its reason, counted in the
 manifest and printed at the end; it never stops the job.
 """
 
@@ -41,7 +43,7 @@ from datasets_prep.shards import (
 from datasets_prep.steps.audio import Chain
 from datasets_prep.steps.load import Reject, load_item
 
-REJECTS_NAME = "rejects.parquet"
+REJECTS_NAME = "_rejects.parquet"  # "_": not a shard to readers of the folder
 DURATION_BINS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, math.inf)  # seconds, for the manifest histogram
 _KEY_META = b"raytrain.chunk_key"
 
@@ -102,6 +104,25 @@ def _table(rows: list[dict[str, Any]], key: str) -> pa.Table:
     return table.replace_schema_metadata({_KEY_META: key.encode()})
 
 
+def _parquet_bytes(table: pa.Table) -> bytes:
+    """A shard's bytes: zstd, one row group, no dictionary or statistics for binary (audio) columns."""
+    sink = pa.BufferOutputStream()
+    binary = [f.name for f in table.schema if pa.types.is_binary(f.type)]
+    pq.write_table(table, sink, compression="zstd", row_group_size=max(1, table.num_rows),
+                   use_dictionary=[c for c in table.column_names if c not in binary],
+                   write_statistics=[c for c in table.column_names if c not in binary])
+    return sink.getvalue().to_pybytes()
+
+
+def _schema_columns(schema: pa.Schema) -> dict[str, str]:
+    return {f.name: str(f.type) for f in schema}
+
+
+def _read_columns(data: bytes) -> dict[str, str]:
+    """{column: type} as readers of the shard ``data`` see it (Parquet names list items ``element``)."""
+    return _schema_columns(pq.read_schema(pa.BufferReader(data)))
+
+
 def write_chunk(out_dir: Path, i: int, items: list[dict[str, Any]], key: str, **kw: Any) -> dict[str, Any]:
     """Process chunk ``i`` and write its shard and record atomically; returns the record."""
     rows, rejects = process_chunk(items, **kw)
@@ -110,13 +131,7 @@ def write_chunk(out_dir: Path, i: int, items: list[dict[str, Any]], key: str, **
                               "file": None, "sha256": None, "samples": 0, "speaker_samples": {}, "durations": [],
                               "sample_rate": None, "columns": {}}
     if rows:
-        table = _table(rows, key)
-        sink = pa.BufferOutputStream()
-        binary = [f.name for f in table.schema if pa.types.is_binary(f.type)]
-        pq.write_table(table, sink, compression="zstd", row_group_size=len(rows),
-                       use_dictionary=[c for c in table.column_names if c not in binary],
-                       write_statistics=[c for c in table.column_names if c not in binary])
-        data = sink.getvalue().to_pybytes()
+        data = _parquet_bytes(_table(rows, key))
         _atomic_write_bytes(out_dir / _shard_name(i), data)
         rates = {int(r["sample_rate"]) for r in rows}
         spk_key = "speaker" if "speaker" in rows[0] else "speakers" if "speakers" in rows[0] else None
@@ -130,7 +145,7 @@ def write_chunk(out_dir: Path, i: int, items: list[dict[str, Any]], key: str, **
                         record["speaker_samples"][spk] = record["speaker_samples"].get(spk, 0) + n
         record.update(file=_shard_name(i), sha256=hashlib.sha256(data).hexdigest(),
                       sample_rate=rates.pop() if len(rates) == 1 else sorted(rates),
-                      columns={f.name: str(f.type) for f in table.schema}, audio_columns=list(audio_columns))
+                      columns=_read_columns(data), audio_columns=list(audio_columns))
     else:
         (out_dir / _shard_name(i)).unlink(missing_ok=True)
     _atomic_write_bytes(_record_path(out_dir, i), json.dumps(record).encode())
@@ -178,8 +193,13 @@ def run_chunks(out_dir: Path, todo: list[tuple[int, list[dict[str, Any]], str]],
         for i, items, key in todo:
             on_done(write_chunk(out_dir, i, items, key, **kwargs))
         return
+    import ray
     import ray.data
 
+    if not ray.is_initialized():  # a local Ray on loopback, set up as for training
+        from raytrain.pipeline import ray_init
+
+        ray_init()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one bar: ours, per finished shard
     ctx.print_on_execution_start = False
@@ -189,6 +209,73 @@ def run_chunks(out_dir: Path, todo: list[tuple[int, list[dict[str, Any]], str]],
                         batch_format="numpy", concurrency=workers, num_cpus=1)
     for row in ds.iter_rows():
         on_done(json.loads(row["record"]))
+
+
+def _merge_types(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The type holding values of ``a`` and ``b`` when they differ only by ``null`` (also inside lists and
+    structs: a chunk whose rows all had ``[]``); None when they are two concrete types."""
+    if a.equals(b):
+        return a
+    if pa.types.is_null(a):
+        return b
+    if pa.types.is_null(b):
+        return a
+    if pa.types.is_list(a) and pa.types.is_list(b):
+        value = _merge_types(a.value_type, b.value_type)
+        return None if value is None else pa.list_(a.value_field.with_type(value))
+    if pa.types.is_struct(a) and pa.types.is_struct(b) and [f.name for f in a] == [f.name for f in b]:
+        fields = []
+        for fa, fb in zip(a, b, strict=True):
+            t = _merge_types(fa.type, fb.type)
+            if t is None:
+                return None
+            fields.append(fa.with_type(t))
+        return pa.struct(fields)
+    return None
+
+
+def unify_shards(out: Path, records: list[dict[str, Any]]) -> None:
+    """Give every shard of ``records`` one schema: ``id``, then the other columns sorted.
+
+    Each chunk's table is typed from its own rows, so a field that is None in all of a chunk's
+    rows is ``null`` there, and a field absent from them is missing. Such shards are rewritten
+    (missing columns as nulls, ``null`` ones cast to the type the others have, chunk key kept)
+    and their records get the new sha256 and columns, so a re-run still finds them finished.
+    A column with two concrete types is a ValueError naming both shards.
+    """
+    written = [r for r in records if r["file"]]
+    if len({json.dumps(list(r["columns"].items())) for r in written}) <= 1:
+        return  # the usual case: every chunk came out with the same columns
+    schemas = {r["file"]: pq.read_schema(out / r["file"]) for r in written}
+    types: dict[str, tuple[pa.DataType, str]] = {}  # column -> (type so far, a shard that has it)
+    for file, schema in schemas.items():
+        for f in schema:
+            if f.name not in types:
+                types[f.name] = (f.type, file)
+                continue
+            seen, where = types[f.name]
+            merged = _merge_types(seen, f.type)
+            if merged is None:
+                raise ValueError(f"{out}: column {f.name!r} is {seen} in {where} but {f.type} in {file}: give the "
+                                 "field one type in every row of the source (or null)")
+            if not merged.equals(seen):
+                types[f.name] = (merged, file)
+    unified = pa.schema([(n, types[n][0]) for n in ["id", *sorted(set(types) - {"id"})]])
+    columns = _schema_columns(unified)
+    for r in written:
+        path = out / r["file"]
+        if not schemas[r["file"]].equals(unified):
+            table = pq.read_table(path)
+            arrays = [table.column(f.name).cast(f.type) if f.name in table.column_names
+                      else pa.chunked_array([pa.nulls(table.num_rows, f.type)]) for f in unified]
+            key = (table.schema.metadata or {}).get(_KEY_META, b"")
+            data = _parquet_bytes(pa.Table.from_arrays(arrays, schema=unified.with_metadata({_KEY_META: key})))
+            _atomic_write_bytes(path, data)
+            r["sha256"] = hashlib.sha256(data).hexdigest()
+        elif list(r["columns"].items()) == list(columns.items()):
+            continue
+        r["columns"] = columns
+        _atomic_write_bytes(_record_path(out, int(r["index"])), json.dumps(r).encode())
 
 
 def _histogram(durations: list[float]) -> list[dict[str, Any]]:
@@ -252,7 +339,9 @@ def prepare_items(items: list[dict[str, Any]], out_dir: str | os.PathLike, *, ki
                workers, done)
     if bar is not None:
         bar.close()
-    return _write_manifest(out, [records[i] for i in range(len(chunks))], kind, audio_columns, params)
+    ordered = [records[i] for i in range(len(chunks))]
+    unify_shards(out, ordered)
+    return _write_manifest(out, ordered, kind, audio_columns, params)
 
 
 def _write_manifest(out: Path, records: list[dict[str, Any]], kind: str, audio_columns: list[str],

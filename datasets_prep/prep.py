@@ -12,7 +12,7 @@ A prep YAML names its source in one of two ways:
   mixtures made only from ``dev_speech``).
 
 Either way the shards are written by the Ray Data executor (``datasets_prep.execute``) on
-``workers`` tasks: bad files become rows of ``rejects.parquet``, finished shards are not
+``workers`` tasks: bad files become rows of ``_rejects.parquet``, finished shards are not
 rewritten, and the manifest records every step's parameters. A generator split whose manifest
 already records the same parameters is skipped entirely (raw utterances are not re-synthesised).
 """

@@ -96,6 +96,21 @@ def decode_audio(data: bytes, fmt: str = "pcm_s16le") -> np.ndarray:
     raise ValueError(f"audio format {fmt!r} is unknown; use one of {AUDIO_FORMATS}")
 
 
+def encode_tokens(arr: np.ndarray) -> tuple[bytes, list[int], str]:
+    """A numeric array (tokens, codes) -> (raw little-endian bytes, shape, dtype name), three columns of a row."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "biufc":
+        raise ValueError(f"tokens must be a numeric array, got dtype {arr.dtype}")
+    little = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    return little.tobytes(), [int(n) for n in arr.shape], arr.dtype.name
+
+
+def decode_tokens(data: bytes, shape: list[int] | tuple[int, ...], dtype: str) -> np.ndarray:
+    """``encode_tokens``' columns -> the array (a writable copy, native byte order)."""
+    raw = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"))
+    return raw.astype(np.dtype(dtype)).reshape(tuple(int(n) for n in shape))
+
+
 def _json_normal(obj: Any) -> Any:
     """Tuples -> lists etc., so a prep dict compares equal to the one read back from JSON."""
     return json.loads(json.dumps(obj, sort_keys=True))

@@ -125,7 +125,7 @@ def test_input_corpus_without_splits_is_one_dataset_and_rates_are_checked(tmp_pa
     run_prep(_input_config(tmp_path), root=tmp_path)
     man = read_manifest(tmp_path / "shards")
     assert man["rows"] == 9 and man["rejects"]["count"] == 1  # the 16 kHz file, no resample step
-    reason = pq.read_table(tmp_path / "shards" / "rejects.parquet").to_pylist()[0]["reason"]
+    reason = pq.read_table(tmp_path / "shards" / "_rejects.parquet").to_pylist()[0]["reason"]
     assert "wrong sample rate 16000 Hz" in reason and "resample" in reason
 
 
