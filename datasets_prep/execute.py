@@ -1,7 +1,8 @@
 """Items -> processed shards, in parallel on Ray Data, restartable, with a rejects table.
 
 The items (from ``datasets_prep.readers.manifests``) are cut into fixed chunks of
-``rows_per_shard`` items; chunk ``i`` becomes ``shard-0000i.parquet`` plus a small
+``rows_per_shard`` items (or, with ``shard_mb``, of about that many megabytes of input audio,
+and never more than ``rows_per_shard`` items); chunk ``i`` becomes ``shard-0000i.parquet`` plus a small
 ``.shard-0000i.json`` record (its rows, seconds per speaker, durations, rejects, sha256)
 written after it. Each chunk is one Ray Data row, processed by ``map_batches`` on
 ``workers`` CPUs: load -> steps -> encode -> atomic write. A re-run skips every chunk
@@ -18,6 +19,7 @@ manifest and printed at the end; it never stops the job.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -284,19 +286,58 @@ def _histogram(durations: list[float]) -> list[dict[str, Any]]:
             for lo, hi, c in zip(DURATION_BINS[:-1], DURATION_BINS[1:], counts, strict=True)]
 
 
+def _item_bytes(item: dict[str, Any], audio_columns: list[str]) -> int:
+    """Bytes of an item's input audio files (0 for one that is missing: it will be a reject)."""
+    total = 0
+    for c in audio_columns:
+        path = item.get(c)
+        if isinstance(path, str) and "://" not in path:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(path)
+    return total
+
+
+def cut_chunks(items: list[dict[str, Any]], rows_per_shard: int, shard_mb: float | None = None,
+               audio_columns: list[str] | None = None) -> list[list[dict[str, Any]]]:
+    """Consecutive chunks of at most ``rows_per_shard`` items; with ``shard_mb``, a chunk also ends
+    before the item that would take its input audio past ``shard_mb`` megabytes (a bigger single item
+    is a chunk of its own). Input bytes stand for shard bytes: PCM16 at the input's rate stores about
+    as much as a wav file; resampling or FLAC changes it in proportion."""
+    if shard_mb is None:
+        return [items[k:k + rows_per_shard] for k in range(0, len(items), rows_per_shard)]
+    limit = shard_mb * 1e6
+    chunks: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    size = 0
+    for item in items:
+        b = _item_bytes(item, audio_columns or [])
+        if current and (size + b > limit or len(current) >= rows_per_shard):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += b
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 def prepare_items(items: list[dict[str, Any]], out_dir: str | os.PathLike, *, kind: str, audio_columns: list[str],
                   steps: list[tuple[str, dict[str, Any]]] | None = None, rows_per_shard: int = 200,
-                  audio_format: str = "pcm_s16le", expect_sample_rate: int | None = None, workers: int = 2,
+                  shard_mb: float | None = None, audio_format: str = "pcm_s16le",
+                  expect_sample_rate: int | None = None, workers: int = 2,
                   prep: dict[str, Any] | None = None, progress: bool | None = None) -> dict[str, Any]:
     """Write ``items`` as a dataset folder; returns its manifest (also written as ``_manifest.json``).
 
     ``steps``: [(name, params)] of ``datasets_prep.steps.audio.STEPS``; ``workers``: Ray Data
-    tasks at once (0: this process, no Ray); ``prep``: extra parameters recorded in the manifest.
+    tasks at once (0: this process, no Ray); ``shard_mb``: cut shards by input megabytes (see
+    ``cut_chunks``); ``prep``: extra parameters recorded in the manifest.
     """
     if audio_format not in AUDIO_FORMATS:
         raise ValueError(f"audio_format {audio_format!r} is unknown; use one of {AUDIO_FORMATS}")
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    if shard_mb is not None and not shard_mb > 0:
+        raise ValueError(f"shard_mb must be > 0, got {shard_mb}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for p in out.glob(".*.tmp"):  # leftovers of a killed run
@@ -306,7 +347,9 @@ def prepare_items(items: list[dict[str, Any]], out_dir: str | os.PathLike, *, ki
     chain = Chain(steps, audio_columns)  # validates the steps before any work
     params = {**(prep or {}), "kind": kind, "steps": chain.describe(), "audio_format": audio_format,
               "rows_per_shard": rows_per_shard, "expect_sample_rate": expect_sample_rate}
-    chunks = [items[k:k + rows_per_shard] for k in range(0, len(items), rows_per_shard)]
+    if shard_mb is not None:
+        params["shard_mb"] = shard_mb
+    chunks = cut_chunks(items, rows_per_shard, shard_mb, list(audio_columns))
     keys = [chunk_key(params, c) for c in chunks]
     records: dict[int, dict[str, Any]] = {}
     todo = []
@@ -406,7 +449,8 @@ def _write_manifest(out: Path, records: list[dict[str, Any]], kind: str, audio_c
 
 def prep_corpus(source: str | os.PathLike, fmt: str, output_dir: str | os.PathLike, *, steps: list[str] | None = None,
                 sample_rate: int | None = None, workers: int = 2, rows_per_shard: int = 200,
-                audio_format: str = "pcm_s16le", progress: bool | None = None) -> dict[str, Any]:
+                shard_mb: float | None = None, audio_format: str = "pcm_s16le",
+                progress: bool | None = None) -> dict[str, Any]:
     """The flag form of ``raytrain prep``: list ``source`` as ``fmt``, run ``steps`` with their default
     parameters (``resample`` to ``sample_rate``), write shards to ``output_dir``.
 
@@ -421,6 +465,6 @@ def prep_corpus(source: str | os.PathLike, fmt: str, output_dir: str | os.PathLi
     items = list_items(fmt, source)
     return prepare_items(items, output_dir, kind="mixtures" if fmt == "wsj0-2mix" else "speech",
                          audio_columns=list(AUDIO_PATH_COLUMNS[fmt]), steps=step_params,
-                         rows_per_shard=rows_per_shard, audio_format=audio_format,
+                         rows_per_shard=rows_per_shard, shard_mb=shard_mb, audio_format=audio_format,
                          expect_sample_rate=None if "resample" in steps else sample_rate, workers=workers,
                          prep={"format": fmt, "source": str(source)}, progress=progress)

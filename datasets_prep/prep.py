@@ -109,7 +109,8 @@ class PrepConfig(_Strict):
     dev_mixtures: DevMixtures | None = None  # generator only (default: DevMixtures())
     steps: list[StepSpec] = Field(default_factory=list)
     splits: SplitSpec | None = None  # input only
-    rows_per_shard: int = Field(default=200, ge=1)
+    rows_per_shard: int = Field(default=200, ge=1)  # input files per shard (at most, with shard_mb)
+    shard_mb: float | None = Field(default=None, gt=0)  # also cut shards at about this many MB of input audio
     audio_format: Literal["pcm_s16le", "flac", "f32le"] = "pcm_s16le"
     workers: int = Field(default=2, ge=0)  # Ray Data tasks at once (0: in this process, no Ray)
 
@@ -246,7 +247,7 @@ def run_prep_config(cfg: PrepConfig, *, root: Path | None = None) -> dict:
 def _write(items: list[dict], out: Path, cfg: PrepConfig, kind: str, audio_columns: list[str], prep: dict,
            expect_sample_rate: int | None) -> None:
     prepare_items(items, out, kind=kind, audio_columns=audio_columns, steps=cfg.step_list(),
-                  rows_per_shard=cfg.rows_per_shard, audio_format=cfg.audio_format,
+                  rows_per_shard=cfg.rows_per_shard, shard_mb=cfg.shard_mb, audio_format=cfg.audio_format,
                   expect_sample_rate=expect_sample_rate, workers=cfg.workers, prep=prep)
 
 

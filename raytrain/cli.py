@@ -61,7 +61,8 @@ def _prep_flags(args: argparse.Namespace) -> int:
         raise ConfigError(f"raytrain prep: {', '.join(missing)} missing (formats: {', '.join(READERS)})")
     spec: dict = {"name": Path(args.output_dir).name, "input": {"format": args.format, "path": args.input},
                   "output_dir": args.output_dir, "steps": args.steps, "sample_rate": args.sample_rate,
-                  "workers": args.workers, "rows_per_shard": args.rows_per_shard, "audio_format": args.audio_format}
+                  "workers": args.workers, "rows_per_shard": args.rows_per_shard, "shard_mb": args.shard_mb,
+                  "audio_format": args.audio_format}
     if args.split:
         spec["splits"] = {"ratios": args.split, "by": args.split_by, "seed": args.seed}
     try:
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", nargs="*", default=[], help="resample normalize vad_trim segment features")
     p.add_argument("--sample-rate", type=int, help="output rate (resample), else the rate files must have")
     p.add_argument("--workers", type=int, default=2, help="Ray Data tasks at once (0: this process, no Ray)")
-    p.add_argument("--rows-per-shard", type=int, default=200, help="input files per shard")
+    p.add_argument("--rows-per-shard", type=int, default=200, help="input files per shard (default 200)")
+    p.add_argument("--shard-mb", type=float, help="also cut shards at about this many MB of input audio")
     p.add_argument("--audio-format", default="pcm_s16le", help="pcm_s16le (default) | flac | f32le")
     p.add_argument("--split", help="split ratios, e.g. train=0.9,dev=0.05,test=0.05: one dataset folder each")
     p.add_argument("--split-by", default="item", choices=["item", "speaker"], help="split by item or by speaker")

@@ -200,7 +200,7 @@ class PipelineRunner:
         data_ctx.print_on_execution_start = False
         exec_opts = data_ctx.execution_options
         exec_opts.preserve_order = True  # same batch order every run: exact mid-phase resume
-        datasets, held = phase_datasets(data, [s.name for s in phase.train], phase.eval)
+        datasets, held = phase_datasets(data, [s.name for s in phase.train], phase.eval, seed=self.pipe.seed)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"pipeline": self.pipe.model_dump(mode="json"), "phase": phase.name,

@@ -133,7 +133,7 @@ class PhaseConfig(Strict):
     grad_clip: float | None = Field(None, gt=0)
     max_bad_steps: int = Field(10, ge=1, description="abort after this many non-finite losses in a row")
     cache_eval: bool = Field(True, description="keep the collated eval batches in worker memory")
-    shuffle_buffer: int = Field(0, ge=0, description="rows; 0 = file-level shuffle only")
+    shuffle_buffer: int = Field(0, ge=0, description="rows reshuffled per epoch in a buffer; 0 = the seeded file order only")
     init_from: str | InitFromConfig | None = None
     gates: list[GateConfig] = Field(default_factory=list)
     best_metric: str | None = Field(None, description="e.g. eval/si_sdri; default: eval/loss")

@@ -64,13 +64,19 @@ class DecodeAudio:
         return batch
 
 
-def read_dataset(path: str, manifest: dict[str, Any] | None = None) -> Any:
-    """A streaming Ray Dataset of decoded rows from one shard folder (`manifest`: its, if already read)."""
+def read_dataset(path: str, manifest: dict[str, Any] | None = None, shuffle_seed: int | None = None) -> Any:
+    """A streaming Ray Dataset of decoded rows from one shard folder (`manifest`: its, if already read).
+
+    `shuffle_seed`: read the shard files in an order drawn from this seed. The order is the same
+    every epoch (a resumed run must read what the uninterrupted one read); the phase's
+    `shuffle_buffer` reshuffles rows differently each epoch on top of it."""
     import ray.data
+    from ray.data.datasource import FileShuffleConfig
 
     manifest = manifest or read_manifest(path)
     files = shard_paths(path, manifest)
-    ds = ray.data.read_parquet(files, shuffle=None).select_columns(_columns(manifest))
+    shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False)
+    ds = ray.data.read_parquet(files, shuffle=shuffle).select_columns(_columns(manifest))
     decode = DecodeAudio(list(manifest["audio_columns"]), manifest.get("audio_format", "pcm_s16le"))
     return ds.map_batches(decode, batch_format="numpy", batch_size=64)
 
@@ -88,12 +94,12 @@ def should_cache(cache: str, manifest: dict[str, Any], store_bytes: float) -> bo
     return decoded_bytes(manifest) <= CACHE_FRACTION * store_bytes
 
 
-def open_dataset(name: str, path: str, cache: str = "auto") -> tuple[Any, bool]:
+def open_dataset(name: str, path: str, cache: str = "auto", shuffle_seed: int | None = None) -> tuple[Any, bool]:
     """(`read_dataset`, materialized in the object store when `should_cache` says so; whether it was)."""
     import ray
 
     manifest = read_manifest(path)
-    ds = read_dataset(path, manifest)
+    ds = read_dataset(path, manifest, shuffle_seed)
     store = float(ray.available_resources().get("object_store_memory", 0.0))
     if not should_cache(cache, manifest, store):
         return ds, False
@@ -104,13 +110,13 @@ def open_dataset(name: str, path: str, cache: str = "auto") -> tuple[Any, bool]:
     return ds, True
 
 
-def phase_datasets(data: dict[str, tuple[str, str]], train: list[str], eval_name: str | None
-                   ) -> tuple[dict[str, Any], list[str]]:
+def phase_datasets(data: dict[str, tuple[str, str]], train: list[str], eval_name: str | None,
+                   seed: int = 0) -> tuple[dict[str, Any], list[str]]:
     """(`{"train:<name>": ds, ..., "eval": ds}`, the train datasets held in memory) for a phase;
-    `data` maps names to (resolved folder, cache)."""
+    `data` maps names to (resolved folder, cache). Train datasets read their files in a seeded order."""
     out, held = {}, []
-    for name in train:
-        out[f"train:{name}"], cached = open_dataset(name, *data[name])
+    for k, name in enumerate(train):
+        out[f"train:{name}"], cached = open_dataset(name, *data[name], shuffle_seed=(seed * 1_000_003 + k) % 2**32)
         if cached:
             held.append(name)
     if eval_name:

@@ -31,6 +31,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       "dev_sentences": 8, "utterances_per_voice": 5},
         "dev_mixtures": {"num": 8, "max_seconds": 1.5, "seed": 1},
         "rows_per_shard": 8,
+        "workers": 0,  # in this process: the corpus needs no Ray, and leaves none started behind it
     }
     path = root / "prep.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -42,6 +43,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ray_local() -> Any:
     import ray
 
+    if ray.is_initialized():  # started by code under test (e.g. an in-process prep): start ours instead
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")  # dashboard: State API for Train
     yield ray
     ray.shutdown()

@@ -58,3 +58,54 @@ def test_streamed_source_rereads_every_epoch_in_the_same_order(ray_local: Any) -
     stream = _stream(_dataset(ray_local), hold=False)
     epochs = [sum((_ids(next(stream)) for _ in range(9)), []) for _ in range(2)]
     assert epochs[0] == epochs[1] == list(range(36))
+
+
+def _shards(root: Any, files: int = 6, rows: int = 4) -> str:
+    """A real dataset folder: `files` shards of `rows` one-second tones, ids in file order."""
+    import soundfile as sf
+
+    from datasets_prep.execute import prepare_items
+    from datasets_prep.readers.manifests import list_items
+
+    t = np.arange(8000) / 8000
+    for k in range(files * rows):
+        folder = root / "raw" / f"s{k // rows}"
+        folder.mkdir(parents=True, exist_ok=True)
+        sf.write(str(folder / f"u{k:03d}.wav"), (0.3 * np.sin(2 * np.pi * (100 + k) * t)).astype(np.float32),
+                 8000, subtype="PCM_16")
+    prepare_items(list_items("speaker-dirs", root / "raw"), root / "ds", kind="speech", audio_columns=["audio"],
+                  rows_per_shard=rows, expect_sample_rate=8000, workers=0, progress=False)
+    return str(root / "ds")
+
+
+def test_train_files_are_read_in_a_seeded_order_and_the_buffer_reshuffles_each_epoch(ray_local: Any,
+                                                                                        tmp_path: Any) -> None:
+    from raytrain.data.datasets import read_dataset
+
+    ray_local.data.DataContext.get_current().execution_options.preserve_order = True
+    folder = _shards(tmp_path)
+
+    def file_order(seed: int | None) -> list[str]:
+        ids = [r["id"] for r in read_dataset(folder, shuffle_seed=seed).select_columns(["id"]).iter_rows()]
+        return [i.split("/")[0] for i in ids[::4]]  # the speaker folder = the shard a row came from
+
+    assert file_order(None) == [f"s{k}" for k in range(6)]
+    seeded = file_order(11)
+    assert sorted(seeded) == [f"s{k}" for k in range(6)] and seeded != file_order(None)
+    assert file_order(11) == seeded  # the same order on every read: epochs and resumed runs agree
+    assert file_order(12) != seeded
+
+    def stream(position: dict[str, Any] | None = None) -> BatchStream:
+        return BatchStream({"a": read_dataset(folder, shuffle_seed=11).iterator()}, {"a": 1.0}, batch_size=4,
+                           transforms=[], seed=3, shuffle_buffer=8, position=position)
+
+    def keys(batch: dict[str, Any]) -> list[int]:  # a row's tone: its second sample names it (ids are strings)
+        return [round(float(v) * 1e5) for v in batch["audio"][:, 1]]
+
+    s = stream()
+    epochs = [[keys(next(s)) for _ in range(6)] for _ in range(2)]
+    flat = [sum(e, []) for e in epochs]
+    assert len(set(flat[0])) == 24 and sorted(flat[0]) == sorted(flat[1])  # every row once per epoch
+    assert flat[0] != flat[1]  # the buffer draws a new order each epoch
+    twin = stream({"picks": 8, "epoch": {"a": 1}, "consumed": {"a": 2}})
+    assert [keys(next(twin)) for _ in range(4)] == epochs[1][2:]

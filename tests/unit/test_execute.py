@@ -323,3 +323,21 @@ def test_encode_decode_tokens_keeps_dtype_shape_and_values() -> None:
     assert encode_tokens(np.array([1, 256], dtype=">i2"))[0] == b"\x01\x00\x00\x01"  # stored little-endian
     with pytest.raises(ValueError, match="numeric"):
         encode_tokens(np.array(["x"]))
+
+
+def test_shard_mb_cuts_shards_by_input_megabytes(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    for k in range(6):  # 1 s of PCM16 at 16 kHz: 32 kB of audio each
+        _tone(raw / "spk" / f"u{k}.wav", 1.0)
+    items = list_items("speaker-dirs", raw)
+    man = prepare_items(items, tmp_path / "out", kind="speech", audio_columns=["audio"], rows_per_shard=100,
+                        shard_mb=0.07, expect_sample_rate=SR, workers=0)
+    assert [s["rows"] for s in man["shards"]] == [2, 2, 2]  # a third file would pass 70 kB
+    assert man["prep"]["shard_mb"] == 0.07
+    sizes = [(tmp_path / "out" / s["file"]).stat().st_size for s in man["shards"]]
+    assert all(s < 0.07e6 for s in sizes), sizes
+    capped = prepare_items(items, tmp_path / "capped", kind="speech", audio_columns=["audio"], rows_per_shard=1,
+                           shard_mb=10, expect_sample_rate=SR, workers=0)
+    assert [s["rows"] for s in capped["shards"]] == [1] * 6  # rows_per_shard still caps a shard
+    with pytest.raises(ValueError, match="shard_mb must be > 0"):
+        prepare_items(items, tmp_path / "bad", kind="speech", audio_columns=["audio"], shard_mb=0, workers=0)
