@@ -1,13 +1,16 @@
 """Shard folders -> Ray Datasets for a phase (driver side).
 
 A dataset is a folder with `_manifest.json` written by `datasets_prep`. Only the
-columns training needs are read; PCM16 audio is decoded to float32 in a Ray Data
-`map_batches` stage so decoding runs in Ray tasks beside the training workers.
+columns training needs are read, one read task (one block) per shard file. Audio stays
+in its stored bytes (PCM16, FLAC or float32) through Ray Data and is decoded in the
+worker's collate (`raytrain.data.stream.Collate`, one `np.frombuffer` for PCM16): a
+decode stage in Ray Data would push every waveform through the object store as a
+pickled float32 array, twice the bytes of PCM16, and measured 3x slower here.
 
-Small datasets (the decoded audio fits in a quarter of Ray's object store, or
-`cache: memory`) are read and decoded once per phase and held in the object store
-(`Dataset.materialize`): later epochs start at once and cost no reading or decoding,
-which on a few cores is CPU taken straight from training.
+Small datasets (their stored audio fits in a quarter of Ray's object store, or
+`cache: memory`) are read once per phase and held in the object store
+(`Dataset.materialize`): later epochs start at once and cost no reading, which on a
+few cores is CPU taken straight from training.
 """
 
 from __future__ import annotations
@@ -47,21 +50,24 @@ def _columns(manifest: dict[str, Any]) -> list[str]:
     return [c for c in wanted if c in manifest["columns"]]
 
 
-class DecodeAudio:
-    """map_batches UDF: binary audio columns (PCM16, FLAC or float32) -> object arrays of float32 1-D waveforms."""
+def audio_spec(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the collate needs to decode a dataset's audio: its audio columns and their format."""
+    return {"columns": list(manifest["audio_columns"]), "format": manifest.get("audio_format", "pcm_s16le")}
 
-    def __init__(self, audio_columns: list[str], audio_format: str = "pcm_s16le") -> None:
-        self.audio_columns = audio_columns
-        self.audio_format = audio_format
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for col in self.audio_columns:
-            if col in batch:
-                out = np.empty(len(batch[col]), dtype=object)
-                for i, raw in enumerate(batch[col]):
-                    out[i] = decode_audio(raw, self.audio_format)
-                batch[col] = out
+def decode_columns(batch: dict[str, np.ndarray], spec: dict[str, Any] | None) -> dict[str, np.ndarray]:
+    """Stored audio bytes -> object arrays of float32 (T,) waveforms, in place; other columns untouched."""
+    if not spec:
         return batch
+    for col in spec["columns"]:
+        values = batch.get(col)
+        if values is None or not len(values) or not isinstance(values[0], bytes):
+            continue
+        out = np.empty(len(values), dtype=object)
+        for i, raw in enumerate(values):
+            out[i] = decode_audio(raw, spec["format"])
+        batch[col] = out
+    return batch
 
 
 def read_dataset(path: str, manifest: dict[str, Any] | None = None, shuffle_seed: int | None = None) -> Any:
@@ -76,49 +82,56 @@ def read_dataset(path: str, manifest: dict[str, Any] | None = None, shuffle_seed
     manifest = manifest or read_manifest(path)
     files = shard_paths(path, manifest)
     shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False)
-    ds = ray.data.read_parquet(files, shuffle=shuffle).select_columns(_columns(manifest))
-    decode = DecodeAudio(list(manifest["audio_columns"]), manifest.get("audio_format", "pcm_s16le"))
-    return ds.map_batches(decode, batch_format="numpy", batch_size=64)
+    # One block per shard file: Ray Data would otherwise split each file's block into many small
+    # ones (to reach its default parallelism), which cost 3x the epoch time here.
+    return ray.data.read_parquet(files, shuffle=shuffle, override_num_blocks=len(files)).select_columns(
+        _columns(manifest))
 
 
-def decoded_bytes(manifest: dict[str, Any]) -> int:
-    """Bytes of the float32 waveforms of a shard folder once decoded (what the object store would hold)."""
+def held_bytes(manifest: dict[str, Any]) -> int:
+    """Bytes of a shard folder's audio as stored (what the object store holds for it): 2 per sample for
+    PCM16 (and as an upper bound for FLAC), 4 for float32."""
     samples = float(manifest.get("hours", 0.0)) * 3600 * int(manifest.get("sample_rate") or 0)
-    return int(samples * 4 * max(1, len(manifest.get("audio_columns", []))))
+    per_sample = 4 if manifest.get("audio_format") == "f32le" else 2
+    return int(samples * per_sample * max(1, len(manifest.get("audio_columns", []))))
 
 
 def should_cache(cache: str, manifest: dict[str, Any], store_bytes: float) -> bool:
-    """`cache: memory|stream` decide; `auto` caches when the decoded audio fits a quarter of the store."""
+    """`cache: memory|stream` decide; `auto` caches when the stored audio fits a quarter of the store."""
     if cache != "auto":
         return cache == "memory"
-    return decoded_bytes(manifest) <= CACHE_FRACTION * store_bytes
+    return held_bytes(manifest) <= CACHE_FRACTION * store_bytes
 
 
-def open_dataset(name: str, path: str, cache: str = "auto", shuffle_seed: int | None = None) -> tuple[Any, bool]:
-    """(`read_dataset`, materialized in the object store when `should_cache` says so; whether it was)."""
+def open_dataset(name: str, path: str, cache: str = "auto", shuffle_seed: int | None = None
+                 ) -> tuple[Any, bool, dict[str, Any]]:
+    """(`read_dataset`, materialized in the object store when `should_cache` says so; whether it was;
+    its `audio_spec`)."""
     import ray
 
     manifest = read_manifest(path)
     ds = read_dataset(path, manifest, shuffle_seed)
     store = float(ray.available_resources().get("object_store_memory", 0.0))
     if not should_cache(cache, manifest, store):
-        return ds, False
+        return ds, False, audio_spec(manifest)
     t0 = time.perf_counter()
     ds = ds.materialize()
-    print(f"data {name}: read and decoded once, {decoded_bytes(manifest) / 1e6:.0f} MB held in memory "
+    print(f"data {name}: read once, {held_bytes(manifest) / 1e6:.0f} MB held in memory "
           f"({time.perf_counter() - t0:.1f} s)")
-    return ds, True
+    return ds, True, audio_spec(manifest)
 
 
 def phase_datasets(data: dict[str, tuple[str, str]], train: list[str], eval_name: str | None,
-                   seed: int = 0) -> tuple[dict[str, Any], list[str]]:
-    """(`{"train:<name>": ds, ..., "eval": ds}`, the train datasets held in memory) for a phase;
-    `data` maps names to (resolved folder, cache). Train datasets read their files in a seeded order."""
-    out, held = {}, []
+                   seed: int = 0) -> tuple[dict[str, Any], list[str], dict[str, dict[str, Any]]]:
+    """(`{"train:<name>": ds, ..., "eval": ds}`, the train datasets held in memory, each dataset's
+    `audio_spec` under the same keys) for a phase; `data` maps names to (resolved folder, cache).
+    Train datasets read their files in a seeded order."""
+    out, held, specs = {}, [], {}
     for k, name in enumerate(train):
-        out[f"train:{name}"], cached = open_dataset(name, *data[name], shuffle_seed=(seed * 1_000_003 + k) % 2**32)
+        key = f"train:{name}"
+        out[key], cached, specs[key] = open_dataset(name, *data[name], shuffle_seed=(seed * 1_000_003 + k) % 2**32)
         if cached:
             held.append(name)
     if eval_name:
-        out["eval"], _ = open_dataset(eval_name, *data[eval_name])
-    return out, held
+        out["eval"], _, specs["eval"] = open_dataset(eval_name, *data[eval_name])
+    return out, held, specs

@@ -155,11 +155,14 @@ class PhaseRunner:
         self.metric_fns = [METRICS.get(m) for m in phase.metrics]
         sr = int(self.cfg["sample_rate"])
         shards = {n.name: ray.train.get_dataset_shard(f"train:{n.name}") for n in phase.train}
+        audio = self.cfg.get("audio", {})  # dataset key -> audio_spec (stored format, decoded in the collate)
+        self.eval_audio = audio.get("eval")
         self.stream = BatchStream(
             shards, {n.name: n.weight for n in phase.train}, batch_size=phase.batch_size,
             transforms=build_transforms([t.model_dump() for t in phase.transforms], sr, self.pipe.seed),
             seed=self.pipe.seed, shuffle_buffer=phase.shuffle_buffer, position=position,
-            hold=set(self.cfg.get("hold", [])))
+            hold=set(self.cfg.get("hold", [])),
+            audio={n.name: audio[f"train:{n.name}"] for n in phase.train if f"train:{n.name}" in audio})
         self.eval_shard = ray.train.get_dataset_shard("eval") if phase.eval else None
         self._eval_cache: list[dict[str, torch.Tensor]] | None = None
         self.eval_transforms = build_transforms([t.model_dump() for t in phase.eval_transforms], sr,
@@ -240,7 +243,7 @@ class PhaseRunner:
         sums: dict[str, float] = {"loss": 0.0}
         count = 0
         if self._eval_cache is None:
-            batches = eval_batches(self.eval_shard, bs, self.eval_transforms)
+            batches = eval_batches(self.eval_shard, bs, self.eval_transforms, self.eval_audio)
             if self.phase.cache_eval:  # eval sets are small: read and collate them once per phase
                 self._eval_cache = list(batches)
                 batches = iter(self._eval_cache)

@@ -117,8 +117,8 @@ def test_unmet_gate_stops_the_pipeline_with_a_clear_message(corpus: Path, ray_lo
     summary = json.loads((runner.run_dir / "summary.json").read_text())
     assert summary["phases"]["b"]["status"] == "gate_failed"
     assert summary["status"] == "failed"
-    # cache: auto holds the small corpus in memory: read and decoded once per phase, not every epoch.
-    assert capsys.readouterr().out.count("data train: read and decoded once") == 2
+    # cache: auto holds the small corpus in memory: read once per phase, not every epoch.
+    assert capsys.readouterr().out.count("data train: read once") == 2
 
 
 def test_nan_guard_skips_steps_then_aborts_with_a_clear_error(corpus: Path, ray_local: Any, tmp_path: Path) -> None:
@@ -160,4 +160,4 @@ def test_two_ddp_workers_with_frozen_params_and_grad_accum(corpus: Path, ray_loc
     assert torch.equal(fresh["net.encoder.weight"], end["net.encoder.weight"])
     assert not torch.equal(fresh["net.mask_generator.output_conv.weight"], end["net.mask_generator.output_conv.weight"])
     out = capsys.readouterr().out
-    assert "data train: read and decoded once" not in out and "data dev: read and decoded once" in out
+    assert "data train: read once" not in out and "data dev: read once" in out

@@ -80,10 +80,12 @@ def _shards(root: Any, files: int = 6, rows: int = 4) -> str:
 
 def test_train_files_are_read_in_a_seeded_order_and_the_buffer_reshuffles_each_epoch(ray_local: Any,
                                                                                         tmp_path: Any) -> None:
-    from raytrain.data.datasets import read_dataset
+    from datasets_prep.shards import read_manifest
+    from raytrain.data.datasets import audio_spec, read_dataset
 
     ray_local.data.DataContext.get_current().execution_options.preserve_order = True
     folder = _shards(tmp_path)
+    spec = audio_spec(read_manifest(folder))
 
     def file_order(seed: int | None) -> list[str]:
         ids = [r["id"] for r in read_dataset(folder, shuffle_seed=seed).select_columns(["id"]).iter_rows()]
@@ -97,7 +99,7 @@ def test_train_files_are_read_in_a_seeded_order_and_the_buffer_reshuffles_each_e
 
     def stream(position: dict[str, Any] | None = None) -> BatchStream:
         return BatchStream({"a": read_dataset(folder, shuffle_seed=11).iterator()}, {"a": 1.0}, batch_size=4,
-                           transforms=[], seed=3, shuffle_buffer=8, position=position)
+                           transforms=[], seed=3, shuffle_buffer=8, position=position, audio={"a": spec})
 
     def keys(batch: dict[str, Any]) -> list[int]:  # a row's tone: its second sample names it (ids are strings)
         return [round(float(v) * 1e5) for v in batch["audio"][:, 1]]

@@ -7,20 +7,22 @@ import pytest
 import torch
 
 from raytrain.config import ConfigError, load_config
-from raytrain.data.datasets import decoded_bytes, should_cache
+from datasets_prep.shards import encode_audio
+from raytrain.data.datasets import audio_spec, held_bytes, should_cache
 from raytrain.data.stream import Collate
 
 MANIFEST = {"hours": 0.5, "sample_rate": 8000, "audio_columns": ["mix", "s1", "s2"]}
 
 
-def test_decoded_bytes_counts_float32_samples_of_every_audio_column() -> None:
-    assert decoded_bytes(MANIFEST) == int(0.5 * 3600 * 8000) * 4 * 3
-    assert decoded_bytes({"hours": 1.0, "sample_rate": 16000, "audio_columns": ["audio"]}) == 3600 * 16000 * 4
+def test_held_bytes_counts_stored_samples_of_every_audio_column() -> None:
+    assert held_bytes(MANIFEST) == int(0.5 * 3600 * 8000) * 2 * 3  # PCM16 when the manifest does not say
+    f32 = {"hours": 1.0, "sample_rate": 16000, "audio_columns": ["audio"], "audio_format": "f32le"}
+    assert held_bytes(f32) == 3600 * 16000 * 4
 
 
 @pytest.mark.parametrize(("cache", "store_mb", "expected"), [
-    ("auto", 4 * 173, True),   # 172.8 MB decoded fits a quarter of a 692 MB store
-    ("auto", 4 * 172, False),  # ... but not a quarter of 688 MB
+    ("auto", 4 * 87, True),   # 86.4 MB of PCM16 fits a quarter of a 348 MB store
+    ("auto", 4 * 86, False),  # ... but not a quarter of 344 MB
     ("memory", 1, True),
     ("stream", 10**6, False),
 ])
@@ -53,3 +55,17 @@ def test_collate_stacks_sources_without_torch_kernels(monkeypatch: pytest.Monkey
     assert np.array_equal(batch["sources"][:, 0].numpy(), rows["s1"])
     assert np.array_equal(batch["sources"][:, 1].numpy(), rows["s2"])
     assert np.array_equal(batch["mix"].numpy(), rows["mix"])
+
+
+@pytest.mark.parametrize("fmt", ["pcm_s16le", "flac", "f32le"])
+def test_collate_decodes_stored_audio_of_the_dataset_format(fmt: str) -> None:
+    rng = np.random.default_rng(1)
+    waves = [np.round(rng.uniform(-0.5, 0.5, n) * 32767) / 32768 for n in (800, 1200, 1000)]
+    audio = np.empty(3, dtype=object)
+    audio[:] = [encode_audio(w.astype(np.float32), fmt, 8000) for w in waves]
+    batch = Collate([], epoch=0, audio=audio_spec({"audio_columns": ["audio"], "audio_format": fmt}))(
+        {"audio": audio, "id": np.array(["a", "b", "c"], dtype=object)})
+    assert batch["audio"].shape == (3, 1200) and batch["lengths"].tolist() == [800, 1200, 1000]
+    for i, w in enumerate(waves):
+        np.testing.assert_array_equal(batch["audio"][i, : len(w)].numpy(), w.astype(np.float32))
+        assert not batch["audio"][i, len(w):].any()
