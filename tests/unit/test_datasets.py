@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from raytrain.config import ConfigError, load_config
 from datasets_prep.shards import encode_audio
+from raytrain.config import ConfigError, load_config
 from raytrain.data.datasets import audio_spec, held_bytes, should_cache
 from raytrain.data.stream import Collate
 
