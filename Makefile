@@ -8,11 +8,11 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
 .PHONY: demo test test-fast lint sysdeps venv bench clean
 
-sysdeps:  ## Debian packages the corpus generator and tests need (espeak-ng)
-	@if ! command -v espeak-ng >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; echo "installing espeak-ng with sudo (needs your password)"; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng >/dev/null \
-	  || { echo "could not install espeak-ng: install it with your package manager and re-run"; exit 1; }; \
+sysdeps:  ## Debian packages the corpus generator and tests need (espeak-ng; wamerican: /usr/share/dict/words)
+	@if ! command -v espeak-ng >/dev/null 2>&1 || [ ! -f /usr/share/dict/words ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; echo "installing espeak-ng and wamerican with sudo (needs your password)"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng wamerican >/dev/null \
+	  || { echo "could not install espeak-ng and wamerican: install them with your package manager and re-run"; exit 1; }; \
 	fi
 
 $(VENV)/.stamp: pyproject.toml constraints.txt

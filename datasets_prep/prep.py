@@ -32,7 +32,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from datasets_prep.execute import prepare_items
 from datasets_prep.mixtures import mixture_params, write_fixed_mixtures
-from datasets_prep.readers.espeak import generate_corpus, make_sentences, split_voices, vocab_split
+from datasets_prep.readers.espeak import (
+    generate_corpus,
+    make_sentences,
+    split_voices,
+    vocab_split,
+    vocabulary,
+)
 from datasets_prep.readers.manifests import AUDIO_PATH_COLUMNS, list_items
 from datasets_prep.shards import MANIFEST_NAME, decode_audio, read_manifest, shard_paths
 from datasets_prep.splits import parse_ratios, split_items
@@ -58,9 +64,26 @@ class EspeakGenerator(_Strict):
     workers: int = Field(default=2, ge=1)  # parallel espeak-ng processes; does not change the output
     language: list[str] | None = None  # espeak-ng languages/accents for the voices (default: 8 English accents)
     phonemes: Literal["mnemonic", "ipa"] | None = None  # also write <utt>.phn (espeak-ng -x / --ipa)
+    # separation: train/, dev_speech/ (held-out voices and words), dev/ (fixed mixtures of dev_speech).
+    # asr: train/, dev/ and test/ spoken by the train voices; dev and test sentences use words no train
+    # sentence uses (half of the held-out vocabulary each); test/ is prepared from a TSV manifest.
+    layout: Literal["separation", "asr"] = "separation"
+    test_sentences: int = Field(default=60, ge=1)  # asr: sentence pool of test/
+    eval_utterances_per_voice: int = Field(default=4, ge=1)  # asr: sentences each voice reads in dev/ and test/
+    # A word-list file (e.g. /usr/share/dict/words) instead of the 497 shipped words, and how many to draw.
+    words: str | None = None
+    vocabulary_size: int | None = Field(default=None, ge=20)
 
     @model_validator(mode="after")
     def _enough_sentences(self) -> EspeakGenerator:
+        if self.layout == "asr":
+            if self.utterances_per_voice > self.train_sentences:
+                raise ValueError(f"utterances_per_voice={self.utterances_per_voice} exceeds train_sentences "
+                                 f"({self.train_sentences}): each voice reads distinct sentences")
+            if self.eval_utterances_per_voice > min(self.dev_sentences, self.test_sentences):
+                raise ValueError(f"eval_utterances_per_voice={self.eval_utterances_per_voice} exceeds dev_sentences/"
+                                 f"test_sentences ({min(self.dev_sentences, self.test_sentences)})")
+            return self
         n = min(self.train_sentences, self.dev_sentences)
         if self.utterances_per_voice > n:
             raise ValueError(f"utterances_per_voice={self.utterances_per_voice} exceeds train_sentences/"
@@ -237,7 +260,12 @@ def run_prep_config(cfg: PrepConfig, *, root: Path | None = None) -> dict:
     t_all = time.perf_counter()
     root = Path(root) if root is not None else Path.cwd()
     out_dir = _resolve(root, cfg.output_dir)
-    splits = _run_generator(cfg, root, out_dir) if cfg.generator is not None else _run_input(cfg, root, out_dir)
+    if cfg.generator is None:
+        splits = _run_input(cfg, root, out_dir)
+    elif cfg.generator.layout == "asr":
+        splits = _run_generator_asr(cfg, root, out_dir)
+    else:
+        splits = _run_generator(cfg, root, out_dir)
     result = {"name": cfg.name, "output_dir": str(out_dir), "splits": splits,
               "seconds": round(time.perf_counter() - t_all, 1)}
     _print_table(result)
@@ -282,11 +310,12 @@ def _run_generator(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, dict
     train_voices, dev_voices = split_voices(g.train_voices, g.dev_voices, g.seed, g.dev_variant_fraction,
                                             bases=g.language)
     train_slice, dev_slice = vocab_split(g.dev_vocab_fraction)
+    vocab = vocabulary(g.words, g.vocabulary_size)
     base = {"name": cfg.name, "sample_rate": sr, "rows_per_shard": cfg.rows_per_shard,
             "source": g.model_dump(mode="json", exclude={"workers"}, exclude_none=True)}
     plans = [
-        ("train", train_voices, make_sentences(g.train_sentences, g.seed, train_slice)),
-        ("dev_speech", dev_voices, make_sentences(g.dev_sentences, g.seed, dev_slice)),
+        ("train", train_voices, make_sentences(g.train_sentences, g.seed, train_slice, vocab=vocab)),
+        ("dev_speech", dev_voices, make_sentences(g.dev_sentences, g.seed, dev_slice, vocab=vocab)),
     ]
     splits: dict[str, dict] = {}
     for split, voices, sentences in plans:
@@ -310,6 +339,59 @@ def _run_generator(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, dict
                              snr_db=m.snr_db, rows_per_shard=cfg.rows_per_shard, prep=dev_prep)
         status = "written"
     splits["dev"] = _summary(out_dir / "dev", status, t0)
+    return splits
+
+
+def _write_test_tsv(raw: Path, tsv: Path) -> None:
+    """A fairseq/StreamSpeech manifest of the wavs under ``raw`` (paths relative to the manifest),
+    with the phoneme transcript as an extra column when there is one; written atomically."""
+    import soundfile as sf
+
+    lines = ["\t".join(["id", "audio", "n_frames", "tgt_text", "speaker", "phonemes"])]
+    for item in list_items("speaker-dirs", raw):
+        wav = Path(item["audio"])
+        phn = wav.with_suffix(".phn")
+        fields = [item["id"].replace("/", "_"), str(wav.relative_to(tsv.parent)), str(sf.info(str(wav)).frames),
+                  item["text"], item["speaker"], phn.read_text(encoding="utf-8").strip() if phn.exists() else ""]
+        if any("\t" in f or "\n" in f for f in fields):
+            raise ValueError(f"{wav}: a field holds a tab or newline; it cannot go into {tsv}")
+        lines.append("\t".join(fields))
+    tmp = tsv.with_name(f".{tsv.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(tsv)
+
+
+def _run_generator_asr(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, dict]:
+    """The ``layout: asr`` corpus: train/, dev/ (speaker folders) and test/ (via ``<raw_dir>/test.tsv``)."""
+    g, sr = cfg.generator, cfg.sample_rate
+    assert g is not None and sr is not None and cfg.raw_dir is not None
+    raw_dir = _resolve(root, cfg.raw_dir)
+    voices, _ = split_voices(g.train_voices, 1, g.seed, g.dev_variant_fraction, bases=g.language)
+    f, vocab = g.dev_vocab_fraction, vocabulary(g.words, g.vocabulary_size)
+    base = {"name": cfg.name, "sample_rate": sr, "rows_per_shard": cfg.rows_per_shard,
+            "source": g.model_dump(mode="json", exclude={"workers"}, exclude_none=True)}
+    plans = [(split, per_voice, make_sentences(n, g.seed, span, vocab=vocab)) for split, per_voice, n, span in (
+        ("train", g.utterances_per_voice, g.train_sentences, (0.0, 1.0 - f)),
+        ("dev", g.eval_utterances_per_voice, g.dev_sentences, (1.0 - f, 1.0 - f / 2)),
+        ("test", g.eval_utterances_per_voice, g.test_sentences, (1.0 - f / 2, 1.0)))]
+    splits: dict[str, dict] = {}
+    for split, per_voice, sentences in plans:
+        t0 = time.perf_counter()
+        out, prep = out_dir / split, {**base, "split": split}
+        if split == "test":
+            prep["format"] = "tsv"
+        status = "up to date"
+        if not _up_to_date(out, {**prep, "steps": _described(cfg), "audio_format": cfg.audio_format}):
+            generate_corpus(raw_dir / split, voices, per_voice, sentences, sr, g.seed, workers=g.workers,
+                            phonemes=g.phonemes)
+            if split == "test":
+                _write_test_tsv(raw_dir / split, raw_dir / "test.tsv")
+                items = list_items("tsv", raw_dir / "test.tsv")
+            else:
+                items = list_items("speaker-dirs", raw_dir / split)
+            _write(items, out, cfg, "speech", ["audio"], prep, None)
+            status = "written"
+        splits[split] = _summary(out, status, t0)
     return splits
 
 

@@ -127,11 +127,11 @@ def plan_load(ckpt_shapes: dict[str, torch.Size | list[int]], model_shapes: dict
     report = LoadReport(source=source)
     mapping: dict[str, str] = {}
     for key, shape in ckpt_shapes.items():
+        if rules.exclude and _matches(key, rules.exclude):  # the explicit rule names the reason
+            report.skipped_by_name.append((key, "excluded"))
+            continue
         if not _matches(key, rules.include):
             report.skipped_by_name.append((key, "not in include"))
-            continue
-        if rules.exclude and _matches(key, rules.exclude):
-            report.skipped_by_name.append((key, "excluded"))
             continue
         target = _rename(key, rules.rename)
         if target not in model_shapes:

@@ -1,4 +1,4 @@
-"""raytrain command line: prep | plan | run | infer | demo."""
+"""raytrain command line: prep | plan | run | infer | ckpt diff | demo."""
 
 from __future__ import annotations
 
@@ -41,11 +41,15 @@ def _prep(args: argparse.Namespace) -> int:
         return _prep_flags(args)
     if args.config is None:
         raise ConfigError("raytrain prep needs a prep YAML, or --input, --format and --output-dir")
-    from datasets_prep.prep import run_prep
+    from datasets_prep.prep import load_prep_config, run_prep_config
     from raytrain.config.loader import parse_override
 
     overrides = {".".join(k): v for k, v in map(parse_override, args.override)} if args.override else None
-    run_prep(args.config, overrides=overrides)
+    try:
+        cfg = load_prep_config(args.config, overrides)
+    except ValueError as exc:  # the message names the file and every bad key
+        raise ConfigError(str(exc)) from None
+    run_prep_config(cfg)
     return 0
 
 
@@ -81,8 +85,18 @@ def _prep_flags(args: argparse.Namespace) -> int:
 
 def _infer(args: argparse.Namespace) -> int:
     from raytrain.infer import load_model, separate_file
+    from raytrain.models import CTCASR
 
     model = load_model(args.source, args.phase)
+    if isinstance(model, CTCASR):
+        from raytrain import asr_infer
+
+        chunk = None if args.full else args.chunk_ms / 1000
+        if chunk is not None and model.encoder.kind != "emformer":
+            chunk = None
+            print("(a Conformer model: full-utterance decoding only; streaming needs the Emformer encoder)")
+        asr_infer.run(model, args.inputs, chunk)
+        return 0
     for wav in args.inputs:
         for p in separate_file(model, wav, args.output):
             print(p)
@@ -106,6 +120,35 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\nprep {t_prep:.0f} s, pipeline {time.time() - t0 - t_prep:.0f} s; run folder {runner.run_dir}")
     print(f"summary: {runner.run_dir / 'summary.json'}")
     print(f"MLflow UI: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
+    return 0
+
+
+def _ckpt_diff(args: argparse.Namespace) -> int:
+    """What `init_from` of a phase would load, rename and skip from a checkpoint; nothing is trained."""
+    import torch
+
+    from raytrain.checkpoints import load_weights, plan_load
+    from raytrain.config.schema import InitFromConfig
+    from raytrain.models import build_model
+
+    cfg = load_config(args.config, args.override)
+    try:
+        phase = cfg.phase(args.phase)
+    except KeyError as exc:
+        raise ConfigError(f"--phase: {exc.args[0]}") from None
+    rules = phase.init or InitFromConfig(path=args.checkpoint)
+    mcfg = cfg.phase_model(phase)
+    with torch.device("meta"):
+        model = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
+    ckpt = load_weights(args.checkpoint)
+    report, _ = plan_load({k: v.shape for k, v in ckpt.items()}, {k: v.shape for k, v in model.state_dict().items()},
+                          rules.model_copy(update={"on_shape_mismatch": "skip"}), args.checkpoint)
+    print(f"phase {phase.name}: init_from rules include={rules.include} exclude={rules.exclude} "
+          f"rename={rules.rename} on_shape_mismatch={rules.on_shape_mismatch}")
+    print(report.to_table())
+    if report.skipped_by_shape and rules.on_shape_mismatch == "error":
+        print(f"note: {len(report.skipped_by_shape)} key(s) differ in shape; with on_shape_mismatch: error this "
+              "phase would stop. Set it to skip, or exclude those keys.")
     return 0
 
 
@@ -143,12 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-by", default="item", choices=["item", "speaker"], help="split by item or by speaker")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     p.set_defaults(fn=_prep)
-    p = sub.add_parser("infer", help="separate wav files with a trained model")
+    p = sub.add_parser("infer", help="separate or transcribe audio files with a trained model")
     p.add_argument("source", help="run folder runs/<pipeline>/<id>, a phase folder, or a model.pt")
-    p.add_argument("inputs", nargs="+", help="input wav/flac files (any sample rate)")
+    p.add_argument("inputs", nargs="+", help="input wav/flac files (any sample rate); ASR also takes .tsv manifests")
     p.add_argument("-o", "--output", default="out", help="output folder (default: out/)")
     p.add_argument("--phase", help="phase whose best checkpoint to use (default: the last finished)")
+    p.add_argument("--chunk-ms", type=float, default=640.0,
+                   help="ASR with an Emformer: stream the audio in chunks of this many ms (default 640)")
+    p.add_argument("--full", action="store_true", help="ASR: full-utterance decoding only, no streaming")
     p.set_defaults(fn=_infer)
+    p = sub.add_parser("ckpt", help="checkpoint tools: `ckpt diff CKPT PIPELINE --phase P`")
+    ck = p.add_subparsers(dest="ckpt_command", required=True)
+    p = ck.add_parser("diff", help="what a phase's init_from would load, rename and skip from CKPT (no training)")
+    p.add_argument("checkpoint", help="a model.pt / state.pt (or a folder holding one)")
+    with_config(p)
+    p.add_argument("--phase", required=True, help="the phase whose model and init_from rules to use")
+    p.set_defaults(fn=_ckpt_diff)
     p = sub.add_parser("demo", help="prep a tiny corpus and run separation_tiny.yaml end to end")
     p.add_argument("--root", default=".", help="project folder holding configs/")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")

@@ -203,7 +203,8 @@ class PipelineRunner:
         # Ray 2.60's new file datasource (the default) took 1.4-2 s before the first block of every
         # execution, i.e. every epoch of a streamed dataset; the established Parquet reader took 0.15 s.
         data_ctx.use_datasource_v2 = False
-        datasets, held, audio = phase_datasets(data, [s.name for s in phase.train], phase.eval, seed=self.pipe.seed)
+        train_names = [s.name for s in phase.train] if phase.kind == "train" else []
+        datasets, held, audio = phase_datasets(data, train_names, phase.eval, seed=self.pipe.seed)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"pipeline": self.pipe.model_dump(mode="json"), "phase": phase.name,

@@ -58,7 +58,8 @@ def check_pipeline(pipe: PipelineConfig, *, require_data: bool = False) -> list[
         if phase.name in seen:
             problems.append(f"{where}.name: phase name {phase.name!r} is used twice")
         # datasets
-        roles = [("train", s.name) for s in phase.train] + ([("eval", phase.eval)] if phase.eval else [])
+        train_roles = [("train", s.name) for s in phase.train] if phase.kind == "train" else []
+        roles = train_roles + ([("eval", phase.eval)] if phase.eval else [])
         for role, name in roles:
             if name not in pipe.data:
                 close = difflib.get_close_matches(name, list(pipe.data), n=1)
@@ -116,9 +117,9 @@ def check_pipeline(pipe: PipelineConfig, *, require_data: bool = False) -> list[
                 check_patterns(names, group.patterns, f"{where}.param_groups[{j}].params")
             plan.n_frozen = sum(shapes[n].numel() for n in frozen)
             plan.n_trainable = sum(s.numel() for n, s in shapes.items() if n not in frozen)
-            if plan.n_trainable == 0:
+            if plan.n_trainable == 0 and phase.kind == "train":
                 problems.append(f"{where}: every parameter is frozen; nothing to train")
-        except (PatternError, RegistryError, TypeError) as exc:
+        except (PatternError, RegistryError, TypeError, ValueError) as exc:
             problems.append(str(exc) if str(exc).startswith(where) else f"{where}.model: {exc}")
         seen.append(phase.name)
     if problems:
@@ -162,12 +163,19 @@ def format_plan(pipe: PipelineConfig, plans: list[PhasePlan]) -> str:
                     f"{m['sample_rate']} Hz, {m['kind']}") if m else "NOT PREPARED (no _manifest.json)"
             lines.append(f"    {role:<8} {name}{weight}: {info}")
         lines.append(f"    init     {p.init}")
-        lines.append(f"    params   {_fmt_count(p.n_trainable)} trainable, {_fmt_count(p.n_frozen)} frozen")
-        lines.append(f"    losses   {', '.join(f'{k} x{v:g}' for k, v in ph.losses.items())}"
-                     + (f"; metrics {', '.join(ph.metrics)}" if ph.metrics else ""))
-        lines.append(f"    optim    {_schedule_text(ph)}")
-        lines.append(f"    batch    {ph.batch_size} x accum {ph.grad_accum} x {sc.num_workers} workers = {eff}"
-                     f"; {ph.max_steps:,} steps; eval every {ph.eval_every}, checkpoint every {ph.checkpoint_every}")
+        if ph.kind == "evaluate":
+            lines.append(f"    params   {_fmt_count(p.n_trainable + p.n_frozen)} (scored, not trained)")
+            lines.append(f"    metrics  {', '.join(ph.metrics) or '-'}"
+                         + (f"; losses {', '.join(f'{k} x{v:g}' for k, v in ph.losses.items())}" if ph.losses else ""))
+            lines.append(f"    batch    {ph.eval_batch_size or ph.batch_size} x {sc.num_workers} workers")
+        else:
+            lines.append(f"    params   {_fmt_count(p.n_trainable)} trainable, {_fmt_count(p.n_frozen)} frozen")
+            lines.append(f"    losses   {', '.join(f'{k} x{v:g}' for k, v in ph.losses.items())}"
+                         + (f"; metrics {', '.join(ph.metrics)}" if ph.metrics else ""))
+            lines.append(f"    optim    {_schedule_text(ph)}")
+            lines.append(f"    batch    {ph.batch_size} x accum {ph.grad_accum} x {sc.num_workers} workers = {eff}"
+                         f"; {ph.max_steps:,} steps; eval every {ph.eval_every}, "
+                         f"checkpoint every {ph.checkpoint_every}")
         if ph.gates:
             lines.append("    gates    " + ", ".join(
                 f"{g.metric} {'>=' + format(g.min, 'g') if g.min is not None else ''}"

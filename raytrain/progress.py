@@ -79,7 +79,8 @@ class EventPump:
         if kind == "progress":
             self.last = ev
             m = ev["metrics"]
-            self.tracker.metrics(self.run_id, {**m, "lr": ev["lr"], "steps_per_s": ev["rate"]}, ev["step"])
+            lrs = {f"lr/{k}": v for k, v in ev.get("group_lrs", {}).items()}  # one per param group, if several
+            self.tracker.metrics(self.run_id, {**m, "lr": ev["lr"], **lrs, "steps_per_s": ev["rate"]}, ev["step"])
             eta = (self.max_steps - ev["step"]) / ev["rate"] if ev["rate"] > 0 else 0.0
             if self._bar is not None:
                 self._bar.n = ev["step"]

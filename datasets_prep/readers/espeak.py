@@ -122,12 +122,35 @@ def split_voices(n_train: int, n_dev: int, seed: int, dev_variant_fraction: floa
     return _diverse(train_pool, rng)[:n_train], _diverse(dev_pool, rng)[:n_dev]
 
 
+SYSTEM_WORDS = "/usr/share/dict/words"  # Debian's wamerican (installed by `make sysdeps`)
+_WORD = re.compile(r"^[a-z]{2,12}$")
+
+
 @cache
-def vocabulary() -> tuple[str, ...]:
-    """The word list in a fixed shuffled order, so any slice mixes frequent and rare words."""
-    words = [w.strip() for w in WORDS_FILE.read_text().splitlines() if w.strip()]
-    random.Random("raytrain-vocabulary").shuffle(words)
-    return tuple(words)
+def vocabulary(words: str | None = None, size: int | None = None) -> tuple[str, ...]:
+    """The word list in a fixed shuffled order, so any slice mixes frequent and rare words.
+
+    ``words``: a word-list file (one word per line, e.g. ``/usr/share/dict/words``) instead of the
+    497 common words shipped with raytrain; only lowercase a-z words of 2-12 letters are kept
+    (no names, no possessives), and ``size`` of them are drawn. Many distinct words are what lets
+    an ASR model learn to spell words it never heard in training.
+    """
+    if words is None:
+        pool = [w.strip() for w in WORDS_FILE.read_text().splitlines() if w.strip()]
+    else:
+        path = Path(words)
+        if not path.is_file():
+            hint = " (install Debian's wamerican: make sysdeps)" if words == SYSTEM_WORDS else ""
+            raise FileNotFoundError(f"generator.words: no word list at {words}{hint}")
+        pool = sorted({w.strip() for w in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                       if _WORD.match(w.strip())})
+    random.Random("raytrain-vocabulary").shuffle(pool)
+    if size is not None:
+        if size > len(pool):
+            raise ValueError(f"generator.vocabulary_size={size}: the word list {words or WORDS_FILE.name} has "
+                             f"{len(pool)} usable words")
+        pool = pool[:size]
+    return tuple(pool)
 
 
 def vocab_split(dev_fraction: float = 0.2) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -136,9 +159,10 @@ def vocab_split(dev_fraction: float = 0.2) -> tuple[tuple[float, float], tuple[f
 
 
 def make_sentences(n: int, seed: int, vocab_slice: tuple[float, float] = (0.0, 1.0),
-                   min_words: int = 4, max_words: int = 10) -> list[str]:
-    """``n`` distinct lowercase sentences of 4-10 words drawn from a fraction range of ``vocabulary()``."""
-    vocab = vocabulary()
+                   min_words: int = 4, max_words: int = 10, vocab: tuple[str, ...] | None = None) -> list[str]:
+    """``n`` distinct lowercase sentences of 4-10 words drawn from a fraction range of ``vocab``
+    (default ``vocabulary()``)."""
+    vocab = vocab or vocabulary()
     lo, hi = round(vocab_slice[0] * len(vocab)), round(vocab_slice[1] * len(vocab))
     words = vocab[lo:hi]
     if len(words) < max_words:

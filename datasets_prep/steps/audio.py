@@ -158,6 +158,7 @@ def vad_trim(row: dict[str, Any], p: VadTrim, columns: list[str]) -> list[dict[s
 
 
 # ---- segment -------------------------------------------------------------------------------------
+TRANSCRIPT_COLUMNS = ("text", "phonemes", "lyrics")  # text that belongs to the whole utterance
 class Segment(StepParams):
     max_seconds: float = Field(15.0, gt=0)
     min_seconds: float = Field(1.0, ge=0)  # pieces shorter than this are dropped (a tail of silence)
@@ -173,6 +174,11 @@ def segment(row: dict[str, Any], p: Segment, columns: list[str]) -> list[dict[st
     limit = int(p.max_seconds * sr)
     if len(ref) <= limit:
         return [row]
+    transcribed = [c for c in TRANSCRIPT_COLUMNS if row.get(c)]
+    if transcribed:  # each piece would carry the whole transcript: wrong targets, silently
+        raise Reject(f"{len(ref) / sr:.1f} s is longer than segment max_seconds {p.max_seconds} and the row has a "
+                     f"transcript ({', '.join(transcribed)}) that cannot be cut without an alignment; raise "
+                     "max_seconds, or segment the corpus with its alignments before prep")
     flags, hop = voiced_frames(ref, sr, p.aggressiveness, 30)
     min_run = max(1, math.ceil(p.min_silence_ms / 30))
     # candidate cut points: the middle of each silent run long enough

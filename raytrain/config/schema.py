@@ -109,7 +109,8 @@ class TransformConfig(Strict):
 
 class PhaseConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["train"] = "train"
+    kind: Literal["train", "evaluate"] = Field(
+        "train", description="evaluate: metrics (and gates) of init_from's weights on `eval`, no training")
     model: ModelConfig | None = None
     train: list[TrainSource] = Field(default_factory=list)
     eval: str | None = None
@@ -164,6 +165,14 @@ class PhaseConfig(Strict):
     def _consistent(self) -> PhaseConfig:
         if self.trainable is not None and self.freeze is not None:
             raise ValueError("set either 'trainable' or 'freeze', not both")
+        if self.kind == "evaluate":
+            if not self.eval:
+                raise ValueError("an evaluate phase needs 'eval': the dataset to score")
+            if self.init_from is None:
+                raise ValueError("an evaluate phase needs 'init_from': the phase (or checkpoint path) to score")
+            if not self.metrics and not self.losses:
+                raise ValueError("an evaluate phase needs 'metrics' (e.g. [cer, wer]) or 'losses'")
+            return self
         if not self.losses:
             raise ValueError("a train phase needs 'losses' (name: weight), e.g. {si_sdr_pit: 1.0}")
         if not self.train:
@@ -209,7 +218,16 @@ class PipelineConfig(Strict):
         raise KeyError(f"no phase named {name!r}; phases: {[p.name for p in self.phases]}")
 
     def phase_model(self, phase: PhaseConfig) -> ModelConfig:
-        return phase.model or self.model
+        """The phase's own model, else (an evaluate phase) the model of the phase it scores, else the
+        pipeline's."""
+        if phase.model is not None:
+            return phase.model
+        init = phase.init
+        if phase.kind == "evaluate" and init is not None and init.phase is not None and init.phase != phase.name:
+            source = next((p for p in self.phases if p.name == init.phase), None)
+            if source is not None:
+                return self.phase_model(source)
+        return self.model
 
     def phase_scaling(self, phase: PhaseConfig) -> ScalingConfig:
         return phase.scaling or self.scaling

@@ -25,7 +25,7 @@ from datasets_prep.shards import decode_audio, read_manifest, shard_paths
 
 CACHE_FRACTION = 0.25  # cache: auto holds a dataset in memory when it needs at most this share of the store
 
-SPEECH_COLUMNS = ["id", "speaker", "audio"]
+SPEECH_COLUMNS = ["id", "speaker", "audio", "text", "phonemes"]  # those a dataset has
 MIXTURE_COLUMNS = ["id", "mix", "s1", "s2"]
 
 

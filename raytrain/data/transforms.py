@@ -163,3 +163,6 @@ class Crop:
         out = np.zeros((len(audio), self.num_samples), dtype=np.float32)
         lengths = np.array([_crop_into(out[i], a, rng) for i, a in enumerate(audio)], dtype=np.int64)
         return {**batch, "audio": out, "lengths": lengths}
+
+
+from raytrain.data import text as _text  # noqa: E402,F401  registers ctc_targets

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from raytrain.losses.asr import asr_ctc, phone_ctc
 from raytrain.losses.separation import si_sdr_pit
 from raytrain.registry import Registry
 
@@ -19,5 +20,7 @@ LossFn = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
 LOSSES: Registry[LossFn] = Registry("loss")
 LOSSES.register("si_sdr_pit")(si_sdr_pit)
 LOSSES.register("separation")(si_sdr_pit)
+LOSSES.register("asr_ctc")(asr_ctc)
+LOSSES.register("phone_ctc")(phone_ctc)
 
-__all__ = ["LOSSES", "LossFn", "si_sdr_pit"]
+__all__ = ["LOSSES", "LossFn", "asr_ctc", "phone_ctc", "si_sdr_pit"]

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from raytrain.models.asr import CTCASR
 from raytrain.models.separation import SeparationAdapter, SeparationModel
 from raytrain.registry import Registry
 
@@ -24,6 +25,7 @@ MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 ADAPTERS: Registry[Callable[..., nn.Module]] = Registry("model adapter")
 
 MODELS.register("convtasnet")(SeparationModel)
+MODELS.register("ctc_asr")(CTCASR)
 ADAPTERS.register("separation")(SeparationAdapter)
 
 
@@ -105,6 +107,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 __all__ = [
     "ADAPTERS",
+    "CTCASR",
     "MODELS",
     "SeparationAdapter",
     "SeparationModel",

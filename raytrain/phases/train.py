@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -126,6 +127,9 @@ class PhaseRunner:
         seed_everything(self.pipe.seed * 1000 + self.rank)
         mcfg = self.pipe.phase_model(phase)
         model = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
+        if phase.kind == "evaluate":
+            self._setup_evaluate(model)
+            return
         ckpt = ray.train.get_checkpoint()
         init = self.cfg.get("init")
         if ckpt is None and init:
@@ -168,7 +172,54 @@ class PhaseRunner:
         self.eval_transforms = build_transforms([t.model_dump() for t in phase.eval_transforms], sr,
                                                 self.pipe.seed + 1)
 
+    def _setup_evaluate(self, model: torch.nn.Module) -> None:
+        """An evaluate phase: init_from's weights, no optimizer, no train data."""
+        import ray.train
+        import ray.train.torch
+
+        phase, init = self.phase, self.cfg["init"]
+        load_into(model, load_weights(init["path"]), InitFromConfig(**init["rules"]), init["path"])
+        self.model = ray.train.torch.prepare_model(model.to(self.device), parallel_strategy=None)
+        self.amp = autocast_dtype(phase.precision, self.device)
+        self.loss_fns = {name: (LOSSES.get(name), w) for name, w in phase.losses.items()}
+        self.metric_fns = [METRICS.get(m) for m in phase.metrics]
+        self.eval_shard = ray.train.get_dataset_shard("eval")
+        self.eval_audio = self.cfg.get("audio", {}).get("eval")
+        self._eval_cache = None
+        self.eval_transforms = build_transforms([t.model_dump() for t in phase.eval_transforms],
+                                                int(self.cfg["sample_rate"]), self.pipe.seed + 1)
+
+    def run_evaluate(self) -> None:
+        """Score once, then report the metrics with a checkpoint of the scored weights (the pipeline's
+        summary and hand-off read phases' checkpoints)."""
+        import ray.train
+
+        metrics = self.evaluate()
+        self._emit("eval", step=0, metrics=metrics)
+        metric, mode = self.phase.best
+        value = metrics.get(metric)
+        report = {**metrics, "step": 0, "skipped_steps": 0,
+                  "score": value if value is not None else (-1e30 if mode == "max" else 1e30)}
+        if self.rank != 0:
+            ray.train.report(report)
+            return
+        state = {"model": unwrap(self.model).state_dict(), "step": 0, "skipped": 0, "metrics": report}
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, Path(tmp) / STATE_FILE)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
     # ---- helpers -----------------------------------------------------------------------------------
+    def _group_lrs(self) -> dict[str, float]:
+        """{label: lr} of each param group when there are several (label: its pattern, MLflow-safe)."""
+        groups = self.opt.param_groups
+        if len(groups) < 2:
+            return {}
+        out = {}
+        for i, g in enumerate(groups):
+            label = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(g.get("pattern", i))).strip("._") or "rest"
+            out[label if label != "default" else "rest"] = float(g["lr"])
+        return out
+
     def _emit(self, kind: str, **payload: Any) -> None:
         if self.events is not None:
             with contextlib.suppress(Exception):
@@ -240,7 +291,8 @@ class PhaseRunner:
             return {}
         self.model.eval()
         bs = self.phase.eval_batch_size or self.phase.batch_size
-        sums: dict[str, float] = {"loss": 0.0}
+        sums: dict[str, float] = {"loss": 0.0} if self.loss_fns else {}
+        dens: dict[str, float] = {}
         count = 0
         if self._eval_cache is None:
             batches = eval_batches(self.eval_shard, bs, self.eval_transforms, self.eval_audio)
@@ -255,16 +307,23 @@ class PhaseRunner:
             with self._autocast():
                 out = self.model(batch)
             out = {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
-            loss = sum(w * fn(out, batch) for fn, w in self.loss_fns.values())
-            sums["loss"] += float(loss) * n
+            if self.loss_fns:
+                loss = sum(w * fn(out, batch) for fn, w in self.loss_fns.values())
+                sums["loss"] += float(loss) * n
             for fn in self.metric_fns:
                 for key, vals in fn(out, batch).items():
-                    sums[key] = sums.get(key, 0.0) + float(vals.float().sum())
+                    if isinstance(vals, tuple):  # (numerator, denominator): a corpus-level rate
+                        sums[key] = sums.get(key, 0.0) + float(vals[0].double().sum())
+                        dens[key] = dens.get(key, 0.0) + float(vals[1].double().sum())
+                    else:
+                        sums[key] = sums.get(key, 0.0) + float(vals.float().sum())
             count += n
-        keys = sorted(sums)
-        totals = self.reduce.sum([sums[k] for k in keys] + [float(count)])
+        keys, den_keys = sorted(sums), sorted(dens)
+        totals = self.reduce.sum([sums[k] for k in keys] + [dens[k] for k in den_keys] + [float(count)])
         n_all = max(totals[-1], 1.0)
-        return {f"eval/{k}": v / n_all for k, v in zip(keys, totals[:-1], strict=True)}
+        den = dict(zip(den_keys, totals[len(keys):-1], strict=True))
+        return {f"eval/{k}": v / (max(den[k], 1e-12) if k in den else n_all)
+                for k, v in zip(keys, totals[:len(keys)], strict=True)}
 
     def save(self, metrics: dict[str, float]) -> None:
         """All ranks report; rank 0 attaches the checkpoint (positions and RNG of every rank)."""
@@ -299,6 +358,9 @@ class PhaseRunner:
     # ---- lifecycle ---------------------------------------------------------------------------------
     def run(self) -> None:
         self.setup()
+        if self.phase.kind == "evaluate":
+            self.run_evaluate()
+            return
         phase = self.phase
         start_step = self.step
         last_log = (start_step, time.perf_counter())
@@ -331,7 +393,7 @@ class PhaseRunner:
                 rate = (step - last_log[0]) / max(now - last_log[1], 1e-9)
                 last_log = (step, now)
                 self._emit("progress", step=step, max_steps=phase.max_steps, lr=self.sched.get_last_lr()[0],
-                           rate=rate, metrics=out)
+                           rate=rate, metrics=out, group_lrs=self._group_lrs())
             if phase.eval and (step % phase.eval_every == 0 or step == phase.max_steps):
                 self.last_eval = self.evaluate()
                 metric, mode = phase.best

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +69,15 @@ def pipeline_dict(corpus: Path, runs: Path, **phase_b: Any) -> dict[str, Any]:
             {"name": "b", "init_from": "a", "max_steps": 6, "eval_every": 3, "checkpoint_every": 3, **phase_b},
         ],
     }
+
+
+def raytrain_cli(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    """`raytrain ARGS` in a new session: killing its group kills the driver and the local Ray it started,
+    as a crash would."""
+    return subprocess.Popen([sys.executable, "-m", "raytrain.cli", *args], stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ})
+
+
+def checkpoints_of(phase_dir: Path) -> list[Path]:
+    """The Ray Train checkpoints a phase has written so far."""
+    return sorted((phase_dir / "ray").glob("checkpoint_*")) if (phase_dir / "ray").exists() else []

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,19 +14,9 @@ import yaml
 
 from raytrain.checkpoints import load_weights
 
-from .conftest import pipeline_dict
+from .conftest import checkpoints_of, pipeline_dict, raytrain_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
-
-
-def _cli(*args: str, log: Path) -> subprocess.Popen[bytes]:
-    # A new session: killing it kills the driver and the local Ray it started, as a crash would.
-    return subprocess.Popen([sys.executable, "-m", "raytrain.cli", *args], stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ})
-
-
-def _checkpoints(phase_dir: Path) -> list[Path]:
-    return sorted((phase_dir / "ray").glob("checkpoint_*")) if (phase_dir / "ray").exists() else []
 
 
 def test_resume_after_killing_the_driver_matches_an_uninterrupted_run(corpus: Path, tmp_path: Path) -> None:
@@ -37,21 +25,21 @@ def test_resume_after_killing_the_driver_matches_an_uninterrupted_run(corpus: Pa
     cfg = tmp_path / "p.yaml"
     cfg.write_text(yaml.safe_dump(raw))
 
-    full = _cli("run", str(cfg), "--run-dir", str(tmp_path / "full"), log=tmp_path / "full.log")
+    full = raytrain_cli("run", str(cfg), "--run-dir", str(tmp_path / "full"), log=tmp_path / "full.log")
     assert full.wait(timeout=400) == 0, (tmp_path / "full.log").read_text()[-3000:]
 
     cut_dir = tmp_path / "cut"
-    cut = _cli("run", str(cfg), "--run-dir", str(cut_dir), log=tmp_path / "cut.log")
+    cut = raytrain_cli("run", str(cfg), "--run-dir", str(cut_dir), log=tmp_path / "cut.log")
     deadline = time.time() + 400
-    while len(_checkpoints(cut_dir / "a")) < 2 and cut.poll() is None and time.time() < deadline:
+    while len(checkpoints_of(cut_dir / "a")) < 2 and cut.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert cut.poll() is None, "the run ended before it could be killed mid-phase"
-    assert len(_checkpoints(cut_dir / "a")) >= 2
+    assert len(checkpoints_of(cut_dir / "a")) >= 2
     os.killpg(cut.pid, signal.SIGKILL)
     cut.wait(timeout=60)
     assert json.loads((cut_dir / "summary.json").read_text())["phases"]["a"]["status"] == "running"
 
-    resumed = _cli("run", str(cfg), "--resume", "--run-dir", str(cut_dir), log=tmp_path / "resume.log")
+    resumed = raytrain_cli("run", str(cfg), "--resume", "--run-dir", str(cut_dir), log=tmp_path / "resume.log")
     assert resumed.wait(timeout=400) == 0, (tmp_path / "resume.log").read_text()[-3000:]
     assert "resumed phase 'a' at step" in (tmp_path / "resume.log").read_text()
 

@@ -323,3 +323,9 @@ def test_pattern_error_default_key_is_phase() -> None:
     with pytest.raises(PatternError, match=r"^phase\.freeze: pattern 'nothing' matches no parameter"):
         apply_freeze(Net(), phase(freeze=["nothing"]))
 
+
+
+def test_plan_load_names_exclude_when_a_key_is_both_excluded_and_outside_include() -> None:
+    report, _ = plan_load(CKPT, MODEL, rules(include=["head.*"], exclude=["enc.*"], on_shape_mismatch="skip"), "p")
+    reasons = dict(report.skipped_by_name)
+    assert reasons["enc.weight"] == reasons["enc.bias"] == "excluded" and reasons["aux.w"] == "not in include"

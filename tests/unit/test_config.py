@@ -347,3 +347,21 @@ def test_validate_update_defaults_override_reaches_phases() -> None:
     cfg = load_config(raw=raw())
     new = validate_update(cfg, ["defaults.optim.weight_decay=0.5"])
     assert [p.optim.weight_decay for p in new.phases] == [0.5, 0.5]
+
+
+def test_evaluate_phase_needs_eval_init_from_and_metrics_and_scores_its_source_model() -> None:
+    r = raw()
+    r["phases"].append({"name": "score", "kind": "evaluate", "init_from": "long", "metrics": ["si_sdri"]})
+    r["phases"][1]["model"] = {"name": "convtasnet", "args": {"sample_rate": 8000, "msk_num_layers": 2}}
+    cfg = load_config(raw=r)
+    score = cfg.phase("score")
+    assert score.kind == "evaluate" and score.eval == "dev"  # eval comes from the defaults
+    assert cfg.phase_model(score).args["msk_num_layers"] == 2  # the model of the phase it scores
+    no_init = raw()
+    no_init["phases"].append({"name": "score", "kind": "evaluate", "metrics": ["si_sdri"]})
+    assert "needs 'init_from'" in load_error(no_init)
+    bare = raw()
+    bare["defaults"].pop("losses")
+    bare["phases"] = [{"name": "score", "kind": "evaluate", "init_from": {"path": "x.pt"}}]
+    assert "needs 'metrics'" in load_error(bare)
+    assert "kind" in load_error(raw(), ["phases.p1.kind=evaluat"])

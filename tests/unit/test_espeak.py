@@ -57,6 +57,23 @@ def test_dev_sentence_words_never_in_train():
     assert len(vocabulary()) >= 400
 
 
+def test_a_word_list_file_gives_a_filtered_seeded_vocabulary_of_the_asked_size(tmp_path):
+    words = tmp_path / "words"
+    lines = [f"w{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}{chr(97 + i // 676)}" for i in range(3000)]
+    words.write_text("\n".join(lines + ["Alice", "dog's", "x", "café", "averyveryverylongword"]) + "\n")
+    vocab = vocabulary(str(words), 2500)
+    assert len(vocab) == len(set(vocab)) == 2500 and set(vocab) <= set(lines)  # names, possessives, 1 letter,
+    assert vocabulary(str(words), 2500) == vocab                               # non-ascii and >12 letters out
+    tr_slice, dev_slice = vocab_split(0.2)
+    train = make_sentences(300, seed=0, vocab_slice=tr_slice, vocab=vocab)
+    dev = make_sentences(30, seed=0, vocab_slice=dev_slice, vocab=vocab)
+    assert not {w for s in train for w in s.split()} & {w for s in dev for w in s.split()}
+    with pytest.raises(ValueError, match="has 3000 usable words"):
+        vocabulary(str(words), 5000)
+    with pytest.raises(FileNotFoundError, match="generator.words: no word list"):
+        vocabulary(str(tmp_path / "nope"))
+
+
 def test_corpus_is_byte_identical_mono_and_resampled(tmp_path):
     voices = voice_pool()[:2]
     sentences = make_sentences(3, seed=0)

@@ -142,3 +142,42 @@ def test_input_config_errors_name_the_key_and_the_fix(tmp_path, extra, message):
     with pytest.raises(ValueError) as err:
         run_prep(_input_config(tmp_path, extra), root=tmp_path)
     assert message in str(err.value)
+
+
+def test_asr_layout_checks_sentence_pools(tmp_path):
+    import pytest as _pytest
+
+    from datasets_prep.prep import PrepConfig
+
+    base = {"name": "a", "raw_dir": str(tmp_path / "raw"), "output_dir": str(tmp_path / "out"),
+            "generator": {"kind": "espeak", "layout": "asr", "train_sentences": 10, "utterances_per_voice": 10,
+                          "dev_sentences": 3, "test_sentences": 5, "eval_utterances_per_voice": 3}}
+    assert PrepConfig.model_validate(base).generator.layout == "asr"
+    base["generator"]["eval_utterances_per_voice"] = 4
+    with _pytest.raises(ValueError, match="eval_utterances_per_voice=4 exceeds dev_sentences/test_sentences"):
+        PrepConfig.model_validate(base)
+
+
+def test_asr_layout_writes_train_dev_and_a_tsv_test_set_of_unseen_words(tmp_path):
+    asr = CONFIG.parent / "streaming_asr_tiny.yaml"
+    small = {"generator.train_voices": 2, "generator.train_sentences": 6, "generator.utterances_per_voice": 3,
+             "generator.dev_sentences": 2, "generator.test_sentences": 2, "generator.eval_utterances_per_voice": 2,
+             "workers": 0, "sample_rate": 8000}
+    out = run_prep(asr, overrides=small, root=tmp_path)
+    base = Path(out["output_dir"])
+    train, dev, test = (read_manifest(base / s) for s in ("train", "dev", "test"))
+    assert (train["rows"], dev["rows"], test["rows"]) == (6, 4, 4)
+    assert set(train["speaker_hours"]) == set(dev["speaker_hours"]) == set(test["speaker_hours"])  # same voices
+    assert test["prep"]["format"] == "tsv"
+    tsv = (tmp_path / "data/raw/espeak_asr_tiny/test.tsv").read_text().splitlines()
+    assert tsv[0].split("\t") == ["id", "audio", "n_frames", "tgt_text", "speaker", "phonemes"] and len(tsv) == 5
+
+    def words(folder):
+        man = read_manifest(base / folder)
+        rows = [r for p in shard_paths(base / folder, man) for r in pq.read_table(p, columns=["text"]).to_pylist()]
+        return {w for r in rows for w in r["text"].split()}
+
+    assert words("train") and not words("train") & (words("dev") | words("test"))  # held-out words only
+    assert not words("dev") & words("test")
+    row = pq.read_table(shard_paths(base / "test", test)[0]).to_pylist()[0]
+    assert row["phonemes"] and row["text"]

@@ -76,6 +76,15 @@ def test_segment_cuts_in_pauses_and_keeps_every_piece_under_the_limit(speech: np
     assert short["id"] == "u"
 
 
+def test_segment_rejects_a_transcribed_row_it_would_have_to_cut(speech: np.ndarray) -> None:
+    long = np.concatenate([speech, np.zeros(SR // 2), speech])
+    row = {**_row(long), "text": "two sentences"}
+    with pytest.raises(Reject, match="transcript \\(text\\) that cannot be cut"):
+        Chain([("segment", {"max_seconds": len(speech) / SR})], ["audio"])(row)
+    (whole,) = Chain([("segment", {"max_seconds": 60})], ["audio"])(row)  # short enough: kept with its text
+    assert whole["text"] == "two sentences"
+
+
 def test_normalize_peak_and_loudness_keep_sources_consistent(speech: np.ndarray) -> None:
     row = {"id": "m", "mix": 0.1 * (speech + speech[::-1]), "s1": 0.1 * speech, "s2": 0.1 * speech[::-1],
            "sample_rate": SR}
