@@ -1,4 +1,4 @@
-"""raytrain command line: prep | plan | run | infer | ckpt diff | demo."""
+"""raytrain command line: prep | plan | run | tune | infer | ckpt diff | demo."""
 
 from __future__ import annotations
 
@@ -33,6 +33,24 @@ def _run(args: argparse.Namespace) -> int:
     print(summary_table(summary))
     print(f"\nfinished in {time.time() - t0:.0f} s; summary: {runner.run_dir / 'summary.json'}")
     print(f"MLflow UI: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from raytrain.config.sweep import load_sweep
+    from raytrain.tune import Sweep
+
+    cfg = load_config(args.config, args.override)
+    sweep = load_sweep(args.sweep)
+    runner = Sweep(cfg, sweep, sweep_text=Path(args.sweep).read_text(), resume=args.resume, sweep_dir=args.sweep_dir)
+    print(f"sweep folder: {runner.dir}  ({sweep.trials_expected()} trials of phase {sweep.phase!r}, "
+          f"{sweep.max_concurrent_trials} at a time)")
+    t0 = time.time()
+    state = runner.run(then_continue=args.then_continue)
+    print(f"\nsweep finished in {time.time() - t0:.0f} s: {runner.dir / 'sweep.json'}, plot {runner.dir / 'sweep.png'}")
+    if state.get("continued"):
+        print(f"later phases from the best trial: {state['continued']}/summary.json")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {state['mlflow_uri']}")
     return 0
 
 
@@ -170,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the last unfinished run of this pipeline")
     p.add_argument("--run-dir", help="use this run folder (default runs/<pipeline>/<timestamp>)")
     p.set_defaults(fn=_run)
+    p = sub.add_parser("tune", help="sweep one phase's config with Ray Tune (ASHA), every trial in MLflow")
+    with_config(p)
+    p.add_argument("--sweep", required=True, help="sweep YAML, e.g. configs/sweeps/separation_tiny.yaml")
+    p.add_argument("--then-continue", action="store_true",
+                   help="then run the later phases from the best trial's checkpoint, as one pipeline run")
+    p.add_argument("--resume", action="store_true", help="continue the last unfinished sweep of this pipeline")
+    p.add_argument("--sweep-dir", help="use this sweep folder (default runs/<pipeline>/sweeps/<timestamp>)")
+    p.set_defaults(fn=_tune)
     p = sub.add_parser("prep", help="prepare a corpus into Parquet shards (a prep YAML, or flags)")
     p.add_argument("config", nargs="?", help="prep YAML, e.g. configs/prep/separation_tiny.yaml")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")

@@ -98,7 +98,9 @@ def worker_resources(pipe: PipelineConfig, phase: PhaseConfig) -> tuple[bool, di
 
 class PipelineRunner:
     def __init__(self, pipe: PipelineConfig, *, config_text: str | None = None, resume: bool = False,
-                 only: list[str] | None = None, run_dir: str | Path | None = None, progress: bool | None = None):
+                 only: list[str] | None = None, run_dir: str | Path | None = None, progress: bool | None = None,
+                 train_callbacks: list[Any] | None = None, report_evals: bool = False,
+                 mlflow_parent: str | None = None):
         self.pipe = resolve_paths(pipe)
         self.plans = {p.phase.name: p for p in check_pipeline(self.pipe, require_data=True)}
         if only:
@@ -124,6 +126,9 @@ class PipelineRunner:
         self.tracker = Tracker(uri, self.pipe.tracking.experiment or self.pipe.name, self.pipe.tracking.enabled)
         self.summary["mlflow_uri"] = uri
         self.progress = progress
+        self.train_callbacks = train_callbacks or []  # Ray Train callbacks (a sweep's TuneReportCallback)
+        self.report_evals = report_evals  # every evaluation is a ray.train.report (a sweep's scheduler)
+        self.mlflow_parent = mlflow_parent  # the pipeline's MLflow run nests under this one (a sweep's)
 
     # ---- summary -----------------------------------------------------------------------------------
     def _save_summary(self) -> None:
@@ -168,7 +173,7 @@ class PipelineRunner:
         self.tracker.artifact(run_id, txt)
 
     # ---- one phase ---------------------------------------------------------------------------------
-    def run_phase(self, phase: PhaseConfig) -> dict[str, Any]:
+    def run_phase(self, phase: PhaseConfig, run_name: str | None = None) -> dict[str, Any]:
         import ray.train
         from ray.train.torch import TorchTrainer
 
@@ -179,7 +184,7 @@ class PipelineRunner:
         phase_dir = self.run_dir / phase.name
         phase_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(phase_dir / "config.yaml", yaml.safe_dump(phase.model_dump(mode="json"), sort_keys=False))
-        run_id = self.tracker.start(phase.name, {"phase": phase.model_dump(mode="json"),
+        run_id = self.tracker.start(run_name or phase.name, {"phase": phase.model_dump(mode="json"),
                                                  "model": self.pipe.phase_model(phase).model_dump(mode="json")},
                                     parent=self.summary.get("mlflow_run_id"), run_id=entry.get("mlflow_run_id"))
         entry.update(status="running", mlflow_run_id=run_id, dir=str(phase_dir))
@@ -210,14 +215,16 @@ class PipelineRunner:
             train_loop_config={"pipeline": self.pipe.model_dump(mode="json"), "phase": phase.name,
                                "phase_dir": str(phase_dir), "init": init, "events": pump.queue,
                                "threads": None if use_gpu else threads, "hold": held, "audio": audio,
-                               "sample_rate": self.plans[phase.name].sample_rate},
+                               "sample_rate": self.plans[phase.name].sample_rate,
+                               "report_evals": self.report_evals},
             scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=use_gpu,
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(
                 name="ray", storage_path=str(phase_dir.resolve()),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="score",
                                                              checkpoint_score_order=mode),
-                failure_config=ray.train.FailureConfig(max_failures=sc.max_failures)),
+                failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
+                callbacks=self.train_callbacks),
             datasets=datasets,
             # One worker reads each dataset whole: no split coordinator actor beside it.
             dataset_config=ray.train.DataConfig(datasets_to_split="all" if sc.num_workers > 1 else [],
@@ -278,7 +285,7 @@ class PipelineRunner:
     # ---- whole pipeline ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         ray_init()
-        parent = self.tracker.start(self.pipe.name, self.pipe.model_dump(mode="json"),
+        parent = self.tracker.start(self.pipe.name, self.pipe.model_dump(mode="json"), parent=self.mlflow_parent,
                                     run_id=self.summary.get("mlflow_run_id"))
         self.summary.update(mlflow_run_id=parent, status="running", config=str(self.run_dir / "config.yaml"))
         self._save_summary()

@@ -174,6 +174,21 @@ def _real_loc(loc: tuple[Any, ...], raw: Any, missing: bool) -> tuple[Any, ...]:
 
 
 
+def _inherit_default(raw: dict[str, Any], parts: list[str]) -> None:
+    """An override deeper than a key the phase takes from `defaults` (`phases.b.transforms.0.args.x`
+    where only `defaults.transforms` exists) first copies the default into the phase, so the override
+    changes that phase's inherited value instead of replacing it with a stub."""
+    phases, defaults = raw.get("phases"), raw.get("defaults")
+    if len(parts) < 4 or parts[0] != "phases" or not isinstance(phases, list) or not isinstance(defaults, dict):
+        return
+    try:
+        phase = phases[_child_key(phases, parts[1], ".".join(parts))]
+    except ConfigError:
+        return
+    if isinstance(phase, dict) and parts[2] not in phase and parts[2] in defaults:
+        phase[parts[2]] = copy.deepcopy(defaults[parts[2]])
+
+
 def _merge_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
@@ -204,6 +219,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{source}: the top level must be a mapping with name, data, model, phases")
     for text in overrides or []:
         parts, value = parse_override(text)
+        _inherit_default(raw, parts)
         apply_override(raw, parts, value)
     merged = _merge_defaults(raw)
     try:
@@ -218,3 +234,23 @@ def validate_update(cfg: PipelineConfig, overrides: list[str]) -> PipelineConfig
     """Re-validate after overrides (sweeps): never `model_copy(update=...)`, which skips validation."""
     raw = cfg._raw if cfg._raw is not None else cfg.model_dump(mode="json")
     return load_config(raw=raw, overrides=overrides)
+
+
+def with_values(cfg: PipelineConfig, values: dict[str, Any], source: str = "<sweep>") -> PipelineConfig:
+    """`cfg` with each dotted path set to a Python value (a sampled sweep config), re-validated by the
+    same models as a normal run; an error names the path and says it came from the sweep."""
+    raw = set_values(cfg._raw if cfg._raw is not None else cfg.model_dump(mode="json"), values)
+    try:
+        return load_config(raw=raw)
+    except ConfigError as exc:
+        shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+        raise ConfigError(f"{source}: the config with {shown} is invalid:\n{exc}") from None
+
+
+def set_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a raw (pre-defaults) config with each dotted path set to a Python value, as `-o` does."""
+    raw = copy.deepcopy(raw)
+    for path, value in values.items():
+        _inherit_default(raw, path.split("."))
+        apply_override(raw, path.split("."), value)
+    return raw

@@ -111,6 +111,7 @@ class PhaseRunner:
         self.device = ray.train.torch.get_device()
         self.events = config.get("events") if self.rank == 0 else None
         self.reduce = _Reducer(self.world, self.device)
+        self.eval_step = -1  # the step of the last evaluation
 
     # ---- setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -341,6 +342,8 @@ class PhaseRunner:
         value = self.last_eval.get(metric, metrics.get(metric))
         score = value if value is not None else (-1e30 if mode == "max" else 1e30)
         report = {**metrics, **self.last_eval, "step": self.step, "score": score, "skipped_steps": self.skipped}
+        if self.eval_step == self.step:  # fresh eval metrics (a sweep's scheduler reads only those)
+            report["eval_step"] = self.step
         if self.rank != 0:
             ray.train.report(report)
             return
@@ -401,8 +404,14 @@ class PhaseRunner:
                 if val is not None and (self.best is None or (val > self.best if mode == "max" else val < self.best)):
                     self.best = val
                 self._emit("eval", step=step, metrics=self.last_eval)
+                self.eval_step = step
             if step % phase.checkpoint_every == 0 or step == phase.max_steps:
                 self.save(metrics)
+            elif self.eval_step == step and self.cfg.get("report_evals"):
+                # A sweep's scheduler (ASHA) decides on eval metrics: every evaluation reaches Tune.
+                import ray.train
+
+                ray.train.report({**metrics, **self.last_eval, "step": step, "eval_step": step})
             if phase.fail_at_step == step and self.rank == 0 and not fail_marker.exists():
                 fail_marker.parent.mkdir(parents=True, exist_ok=True)
                 fail_marker.touch()

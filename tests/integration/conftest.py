@@ -80,4 +80,4 @@ def raytrain_cli(*args: str, log: Path) -> subprocess.Popen[bytes]:
 
 def checkpoints_of(phase_dir: Path) -> list[Path]:
     """The Ray Train checkpoints a phase has written so far."""
-    return sorted((phase_dir / "ray").glob("checkpoint_*")) if (phase_dir / "ray").exists() else []
+    return sorted(p for p in (phase_dir / "ray").glob("checkpoint_*") if p.is_dir()) if (phase_dir / "ray").exists() else []

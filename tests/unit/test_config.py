@@ -296,6 +296,18 @@ def test_override_defaults_applies_to_every_phase() -> None:
     assert [p.optim.weight_decay for p in cfg.phases] == [0.5, 0.5]
 
 
+def test_override_into_an_inherited_default_changes_only_that_phase() -> None:
+    r = raw()
+    r["defaults"]["transforms"] = [{"name": "dynamic_mix", "args": {"num_speakers": 2, "crop_seconds": 1.0}}]
+    cfg = load_config(raw=r, overrides=["phases.long.transforms.0.args.crop_seconds=2.0",
+                                        "phases.long.optim.weight_decay=0.0"])
+    p1, long = cfg.phases
+    assert long.transforms[0].args == {"num_speakers": 2, "crop_seconds": 2.0}
+    assert long.transforms[0].name == "dynamic_mix" and p1.transforms[0].args["crop_seconds"] == 1.0
+    assert (long.optim.name, long.optim.lr, long.optim.weight_decay) == ("adam", 1.0e-3, 0.0)
+    assert p1.optim.weight_decay == 0.01
+
+
 def test_override_does_not_touch_the_callers_dict() -> None:
     r = raw()
     load_config(raw=r, overrides=["phases.0.max_steps=7", "phases.0.schedule.warmup_steps=3"])
