@@ -200,6 +200,17 @@ def _merge_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's content; a missing file or bad YAML is a ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: {what} file not found")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 raw: dict[str, Any] | None = None) -> PipelineConfig:
     """Read YAML (or take `raw`), apply overrides, merge phase defaults, validate."""
@@ -207,13 +218,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if raw is None:
         if path is None:
             raise ConfigError("load_config needs a path or a raw dict")
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        raw = read_yaml(path, "config")
     raw = copy.deepcopy(raw)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with name, data, model, phases")

@@ -26,10 +26,9 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from raytrain.config.loader import ConfigError
+from raytrain.config.loader import ConfigError, read_yaml
 from raytrain.config.schema import ScalingConfig
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -130,19 +129,13 @@ class SweepConfig(_Strict):
 
 
 def load_sweep(path: str | Path) -> SweepConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: sweep file not found")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "sweep")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping with phase, metric, mode, params")
+        raise ConfigError(f"{path}: the top level must be a mapping with phase, metric, mode, params")
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format(err, str(p))) from None
+        raise ConfigError(_format(err, str(path))) from None
 
 
 _SECTIONS: dict[str, type[BaseModel]] = {"searcher": SearcherConfig, "scheduler": SchedulerConfig,
