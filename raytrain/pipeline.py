@@ -112,7 +112,8 @@ class PipelineRunner:
         found = find_resumable(runs_dir, self.pipe.name) if resume and run_dir is None else None
         if resume and run_dir is None and found is None:
             log.warning("--resume: no unfinished run of %s under %s; starting a new run", self.pipe.name, runs_dir)
-        self.run_dir = Path(run_dir) if run_dir else (found or runs_dir / self.pipe.name / _now())
+        # Absolute: Ray workers run in other folders and read checkpoints by these paths.
+        self.run_dir = (Path(run_dir) if run_dir else (found or runs_dir / self.pipe.name / _now())).resolve()
         self.resumed = (self.run_dir / "summary.json").exists()
         self.summary: dict[str, Any] = (json.loads((self.run_dir / "summary.json").read_text()) if self.resumed
                                         else {"pipeline": self.pipe.name, "run_id": self.run_dir.name,

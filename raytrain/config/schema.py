@@ -107,6 +107,16 @@ class TransformConfig(Strict):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+# Metrics where smaller is better: losses and error rates (CER, WER, DER, EER, ...).
+_LOWER_IS_BETTER = ("loss", "cer", "wer", "der", "eer", "per", "error")
+
+
+def lower_is_better(metric: str) -> bool:
+    """True for a loss or an error rate (``eval/loss``, ``eval/cer``, ``train/asr_ctc_loss``)."""
+    return metric.rsplit("/", 1)[-1].lower().endswith(_LOWER_IS_BETTER)
+
+
+
 class PhaseConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     kind: Literal["train", "evaluate"] = Field(
@@ -138,7 +148,8 @@ class PhaseConfig(Strict):
     init_from: str | InitFromConfig | None = None
     gates: list[GateConfig] = Field(default_factory=list)
     best_metric: str | None = Field(None, description="e.g. eval/si_sdri; default: eval/loss")
-    best_mode: Literal["min", "max"] | None = None
+    best_mode: Literal["min", "max"] | None = Field(
+        None, description="default: min for a loss or an error rate (cer, wer, ...), else max")
     scaling: ScalingConfig | None = None
     fail_at_step: int | None = Field(None, ge=1, description="testing: rank 0 exits once at this step")
 
@@ -189,7 +200,7 @@ class PhaseConfig(Strict):
     def best(self) -> tuple[str, str]:
         """(metric, mode) used to pick the phase's best checkpoint."""
         metric = self.best_metric or ("eval/loss" if self.eval else "train/loss")
-        mode = self.best_mode or ("min" if metric.endswith("loss") else "max")
+        mode = self.best_mode or ("min" if lower_is_better(metric) else "max")
         return metric, mode
 
 

@@ -247,6 +247,13 @@ def test_best_defaults() -> None:
     assert cfg.phase("forced").best == ("eval/si_sdri", "min")
 
 
+@pytest.mark.parametrize("metric", ["eval/cer", "eval/wer", "eval/WER", "eval/phone_per", "train/asr_ctc_loss"])
+def test_error_rates_and_losses_are_minimised_by_default(metric: str) -> None:
+    r = raw()
+    r["phases"].append({"name": "asr", "eval": "dev", "best_metric": metric})
+    assert load_config(raw=r).phase("asr").best == (metric, "min")
+
+
 # -- overrides ----------------------------------------------------------------------------
 
 
