@@ -116,7 +116,6 @@ def lower_is_better(metric: str) -> bool:
     return metric.rsplit("/", 1)[-1].lower().endswith(_LOWER_IS_BETTER)
 
 
-
 class PhaseConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     kind: Literal["train", "evaluate"] = Field(
