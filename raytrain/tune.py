@@ -286,11 +286,17 @@ class Sweep:
                        if df is not None and sw.metric in df and "eval_step" in df else [])
             entry = (summary or {}).get("phases", {}).get(sw.phase, {})
             status = entry.get("status", "not started")
+            tid = tid or (summary or {}).get("trial", {}).get("id", "?")
             if res.error is not None:
                 status = "failed"
-            elif status == "running":
+            elif status in ("running", "failed"):
+                # Tune ended the trial without an error: the scheduler stopped it. Its phase was cut where
+                # it stood ("running"), or its trainer saw its workers go first and recorded "failed".
                 status = "stopped early"
-            tid = tid or (summary or {}).get("trial", {}).get("id", "?")
+                if summary is not None and entry.get("status") != status:
+                    entry["status"] = status
+                    entry.pop("error", None)
+                    atomic_write_text(self.dir / "trials" / tid / "summary.json", json.dumps(summary, indent=2))
             rows.append({"trial": tid,
                          "values": res.config["values"], "status": status,
                          "steps": int(history[-1][0]) if history else 0,
@@ -310,6 +316,9 @@ class Sweep:
                     self.tracker.end(r["mlflow_run_id"], "KILLED" if r["status"] == "stopped early" else "FAILED")
         table = trials_table(rows, sw)
         print(table)
+        for r in rows:
+            if r["error"]:
+                print(f"trial {r['trial']} failed: {r['error']} (its log: {self.dir / 'tune'})")
         atomic_write_text(self.dir / "trials.txt", table + "\n")
         best = rows[0] if rows and rows[0]["metric"] is not None else None
         finished = [r for r in rows if r["status"] == "finished"]

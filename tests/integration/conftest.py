@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,48 @@ def raytrain_cli(*args: str, log: Path) -> subprocess.Popen[bytes]:
     as a crash would."""
     return subprocess.Popen([sys.executable, "-m", "raytrain.cli", *args], stdout=log.open("wb"),
                             stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ})
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (not zombie) processes of session `sid`."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(d.name)) == sid and (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                out.append(int(d.name))
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue
+    return out
+
+
+def crash(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """SIGKILL a `raytrain_cli` process and every process of its session, as a machine crash would, and wait
+    until none is left. Killing its process group alone is not enough: Ray's workers lead their own process
+    groups and go on running (and writing checkpoints) for seconds after the raylet dies."""
+    deadline = time.monotonic() + timeout
+    while members := _session_members(proc.pid):
+        assert time.monotonic() < deadline, f"processes of session {proc.pid} still alive: {members}"
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.wait(timeout=30)
+        time.sleep(0.1)
+    proc.wait(timeout=30)
+
+
+def registered_checkpoints(phase_dir: Path) -> list[str]:
+    """The checkpoints Ray Train's run snapshot lists: what a resumed phase starts from. A worker writes a
+    checkpoint folder before the controller registers it, so a crash in between resumes from the one before."""
+    try:
+        snap = json.loads((phase_dir / "ray" / "checkpoint_manager_snapshot.json").read_text())
+        return [c["checkpoint_dir_name"] for c in snap["checkpoint_results"]]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return []
 
 
 def checkpoints_of(phase_dir: Path) -> list[Path]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import pytest
 import soundfile as sf
 
 from datasets_prep.execute import prep_corpus
+
+from .conftest import crash
 
 pytestmark = pytest.mark.integration
 SR = 16000
@@ -56,8 +57,7 @@ def test_killed_prep_resumes_to_the_same_manifest(tmp_path: Path, ray_local: obj
             break
         time.sleep(0.05)
     assert proc.poll() is None, f"prep ended before it could be killed:\n{proc.stdout.read().decode()[-3000:]}"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    crash(proc)
     done = len(list(out.glob(".shard-*.json")))
     assert 0 < done < 25 and not (out / "_manifest.json").exists()
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import yaml
 
 from raytrain.checkpoints import load_weights
 
-from .conftest import checkpoints_of, pipeline_dict, raytrain_cli
+from .conftest import crash, pipeline_dict, raytrain_cli, registered_checkpoints
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -31,12 +29,10 @@ def test_resume_after_killing_the_driver_matches_an_uninterrupted_run(corpus: Pa
     cut_dir = tmp_path / "cut"
     cut = raytrain_cli("run", str(cfg), "--run-dir", str(cut_dir), log=tmp_path / "cut.log")
     deadline = time.time() + 400
-    while len(checkpoints_of(cut_dir / "a")) < 2 and cut.poll() is None and time.time() < deadline:
+    while len(registered_checkpoints(cut_dir / "a")) < 2 and cut.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert cut.poll() is None, "the run ended before it could be killed mid-phase"
-    assert len(checkpoints_of(cut_dir / "a")) >= 2
-    os.killpg(cut.pid, signal.SIGKILL)
-    cut.wait(timeout=60)
+    crash(cut)
     assert json.loads((cut_dir / "summary.json").read_text())["phases"]["a"]["status"] == "running"
 
     resumed = raytrain_cli("run", str(cfg), "--resume", "--run-dir", str(cut_dir), log=tmp_path / "resume.log")

@@ -6,8 +6,6 @@ driver killed mid-phase that `raytrain run --resume` continues."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from raytrain.config.schema import ScheduleConfig
 from raytrain.optim import lr_factor
 from raytrain.pipeline import PipelineRunner
 
-from .conftest import checkpoints_of, raytrain_cli
+from .conftest import crash, raytrain_cli, registered_checkpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 YAML = ROOT / "configs/pipelines/streaming_asr_tiny.yaml"
@@ -195,11 +193,10 @@ def test_the_driver_killed_mid_phase_resumes_with_run_resume_to_the_uninterrupte
         args += ["-o", o]
     cut = raytrain_cli(*args, log=tmp_path / "cut.log")
     phase_dir, deadline = tmp_path / "cut" / "conformer", time.time() + 400
-    while len(checkpoints_of(phase_dir)) < 2 and cut.poll() is None and time.time() < deadline:
+    while len(registered_checkpoints(phase_dir)) < 2 and cut.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     assert cut.poll() is None, "the run ended before it could be killed mid-phase"
-    os.killpg(cut.pid, signal.SIGKILL)
-    cut.wait(timeout=60)
+    crash(cut)
     assert json.loads((tmp_path / "cut" / "summary.json").read_text())["phases"]["conformer"]["status"] == "running"
 
     resumed = raytrain_cli(*args, "--resume", log=tmp_path / "resume.log")

@@ -5,15 +5,13 @@ trials, and `--then-continue` runs the later phase from the best trial's checkpo
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import checkpoints_of, pipeline_dict, raytrain_cli
+from .conftest import checkpoints_of, crash, pipeline_dict, raytrain_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -53,8 +51,7 @@ def test_sweep_runs_phase_a_once_resumes_without_rerunning_trials_and_continues_
         time.sleep(0.2)
     assert first.poll() is None, "the sweep ended before it could be killed: " + (tmp_path / "first.log").read_text()[-3000:]
     done_before = _started_trials(sweep_dir)[:2]  # ended (finished or stopped by ASHA): the third has started
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=60)
+    crash(first)
     assert json.loads((sweep_dir / "sweep.json").read_text())["status"] == "running"
 
     resumed = raytrain_cli(*args, "--resume", "--then-continue", log=tmp_path / "resume.log")
@@ -67,7 +64,8 @@ def test_sweep_runs_phase_a_once_resumes_without_rerunning_trials_and_continues_
     for t in done_before:
         assert len((t / "starts.log").read_text().splitlines()) == 1, t.name
     statuses = [r["status"] for r in state["trials"]]
-    assert set(statuses) <= {"finished", "stopped early"} and "stopped early" in statuses, statuses
+    assert set(statuses) <= {"finished", "stopped early"} and "stopped early" in statuses, (
+        statuses, [r["error"] for r in state["trials"]], log[-4000:])
     assert all(r["steps"] == 12 for r in state["trials"] if r["status"] == "finished")
     assert all(r["steps"] < 12 for r in state["trials"] if r["status"] == "stopped early")
 
