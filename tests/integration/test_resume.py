@@ -32,6 +32,7 @@ def test_resume_after_killing_the_driver_matches_an_uninterrupted_run(corpus: Pa
     while len(registered_checkpoints(cut_dir / "a")) < 2 and cut.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert cut.poll() is None, "the run ended before it could be killed mid-phase"
+    assert len(registered_checkpoints(cut_dir / "a")) >= 2
     crash(cut)
     assert json.loads((cut_dir / "summary.json").read_text())["phases"]["a"]["status"] == "running"
 
