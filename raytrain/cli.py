@@ -1,4 +1,4 @@
-"""raytrain command line: prep | plan | run | tune | infer | ckpt diff | demo."""
+"""raytrain command line: prep | plan | run | tune | infer | ckpt diff | demo | cluster-check."""
 
 from __future__ import annotations
 
@@ -170,6 +170,23 @@ def _ckpt_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_check(args: argparse.Namespace) -> int:
+    """Offline check of Ray cluster-launcher YAMLs: Ray's schema and preparation + raytrain's rules."""
+    from raytrain.cluster import load_cluster_yaml, placeholders, validate_cluster_config
+
+    for path in args.configs:
+        try:
+            cfg = validate_cluster_config(path)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        types = cfg["available_node_types"]
+        print(f"ok: {len(types)} node types in {path} ({', '.join(types)}; head: {cfg['head_node_type']})")
+        left = placeholders(load_cluster_yaml(path))
+        if left:
+            print(f"  edit before `ray up` ({len(left)} EDIT_ME value(s)): {', '.join(left)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="raytrain", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -232,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=".", help="project folder holding configs/")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=_demo)
+    p = sub.add_parser("cluster-check", help="check Ray cluster-launcher YAMLs offline (no cloud, no Ray started)")
+    p.add_argument("configs", nargs="+", help="e.g. cluster.yaml configs/clusters/gcp.yaml")
+    p.set_defaults(fn=_cluster_check)
     return ap
 
 
