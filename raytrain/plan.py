@@ -35,6 +35,32 @@ class PhasePlan:
     sample_rate: int | None = None
 
 
+@dataclass(frozen=True)
+class PhaseFigures:
+    """The numbers of one phase's entry in the plan table, as data (`format_plan` prints these)."""
+
+    name: str
+    kind: str
+    batch_size: int  # per worker and micro-batch (an evaluate phase: its eval batch size)
+    grad_accum: int
+    num_workers: int
+    effective_batch: int  # samples per optimizer step: batch_size x grad_accum x num_workers
+    max_steps: int
+    eval_every: int
+    checkpoint_every: int
+    n_trainable: int
+    n_frozen: int
+
+
+def phase_figures(pipe: PipelineConfig, plan: PhasePlan) -> PhaseFigures:
+    ph = plan.phase
+    workers = pipe.phase_scaling(ph).num_workers
+    batch = (ph.eval_batch_size or ph.batch_size) if ph.kind == "evaluate" else ph.batch_size
+    accum = 1 if ph.kind == "evaluate" else ph.grad_accum
+    return PhaseFigures(ph.name, ph.kind, batch, accum, workers, batch * accum * workers, ph.max_steps,
+                        ph.eval_every, ph.checkpoint_every, plan.n_trainable, plan.n_frozen)
+
+
 def _where(phase: PhaseConfig, i: int) -> str:
     return f"phases[{i}]({phase.name})"
 
@@ -153,9 +179,7 @@ def _schedule_text(phase: PhaseConfig) -> str:
 def format_plan(pipe: PipelineConfig, plans: list[PhasePlan]) -> str:
     lines = [f"pipeline {pipe.name} (seed {pipe.seed}, {len(plans)} phases)", ""]
     for i, p in enumerate(plans):
-        ph = p.phase
-        sc = pipe.phase_scaling(ph)
-        eff = ph.batch_size * ph.grad_accum * sc.num_workers
+        ph, f = p.phase, phase_figures(pipe, p)
         lines.append(f"[{i}] {ph.name}  ({ph.kind})")
         for role, name, m in p.datasets:
             weight = next((f" x{s.weight:g}" for s in ph.train if s.name == name and role == "train"), "")
@@ -167,15 +191,15 @@ def format_plan(pipe: PipelineConfig, plans: list[PhasePlan]) -> str:
             lines.append(f"    params   {_fmt_count(p.n_trainable + p.n_frozen)} (scored, not trained)")
             lines.append(f"    metrics  {', '.join(ph.metrics) or '-'}"
                          + (f"; losses {', '.join(f'{k} x{v:g}' for k, v in ph.losses.items())}" if ph.losses else ""))
-            lines.append(f"    batch    {ph.eval_batch_size or ph.batch_size} x {sc.num_workers} workers")
+            lines.append(f"    batch    {f.batch_size} x {f.num_workers} workers")
         else:
             lines.append(f"    params   {_fmt_count(p.n_trainable)} trainable, {_fmt_count(p.n_frozen)} frozen")
             lines.append(f"    losses   {', '.join(f'{k} x{v:g}' for k, v in ph.losses.items())}"
                          + (f"; metrics {', '.join(ph.metrics)}" if ph.metrics else ""))
             lines.append(f"    optim    {_schedule_text(ph)}")
-            lines.append(f"    batch    {ph.batch_size} x accum {ph.grad_accum} x {sc.num_workers} workers = {eff}"
-                         f"; {ph.max_steps:,} steps; eval every {ph.eval_every}, "
-                         f"checkpoint every {ph.checkpoint_every}")
+            lines.append(f"    batch    {f.batch_size} x accum {f.grad_accum} x {f.num_workers} workers = "
+                         f"{f.effective_batch}; {f.max_steps:,} steps; eval every {f.eval_every}, "
+                         f"checkpoint every {f.checkpoint_every}")
         if ph.gates:
             lines.append("    gates    " + ", ".join(
                 f"{g.metric} {'>=' + format(g.min, 'g') if g.min is not None else ''}"

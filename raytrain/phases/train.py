@@ -17,6 +17,7 @@ import random
 import re
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,40 @@ from raytrain.optim import build_optimizer, build_scheduler
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class ReplicaDivergenceError(RuntimeError):
+    """DDP replicas hold different weights, so each rank trains a different model from here on."""
+
+
+def param_digest(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[str], list[int], torch.Tensor]:
+    """(names, numels, digest): digest is `(n, 2)` float64, each parameter's sum and L2 norm. Replicas
+    with equal weights have equal digests; a few floats per parameter are cheap to all-reduce."""
+    names, numels, rows = [], [], []
+    for name, p in named:
+        x = p.detach()
+        names.append(name)
+        numels.append(x.numel())
+        rows.append(torch.stack([x.sum(dtype=torch.float64), torch.linalg.vector_norm(x, dtype=torch.float64)]))
+    return names, numels, torch.stack(rows) if rows else torch.zeros((0, 2), dtype=torch.float64)
+
+
+def digest_mismatches(names: list[str], numels: list[int], hi: torch.Tensor, lo: torch.Tensor,
+                      rtol: float = 1e-9) -> list[tuple[str, str]]:
+    """(name, how it differs) of each parameter whose digest differs between ranks; `hi`/`lo` are the
+    element-wise max/min of every rank's `param_digest`. Equal weights summed in another order (another
+    thread count or device) differ by about 1e-16 x sqrt(numel) x norm, far below `rtol`; a digest that is
+    finite on some ranks only is a mismatch too."""
+    hi, lo = hi.detach().double().cpu(), lo.detach().double().cpu()
+    n = torch.tensor(numels, dtype=torch.float64).reshape(-1, 1)
+    finite_hi, finite_lo = torch.isfinite(hi), torch.isfinite(lo)
+    finite = finite_hi & finite_lo
+    scale = torch.where(finite, hi[:, 1:].abs().maximum(lo[:, 1:].abs()), 0.0)  # the norm column
+    tol = rtol * scale * torch.cat([n.sqrt(), torch.ones_like(n)], dim=1)  # |sum| <= sqrt(n) x norm
+    gap = torch.where(finite, hi - lo, 0.0)
+    bad = ((gap > tol) | (finite_hi != finite_lo)).any(dim=1)
+    return [(names[i], f"sum {lo[i, 0].item():.9g} .. {hi[i, 0].item():.9g}, "
+                       f"norm {lo[i, 1].item():.9g} .. {hi[i, 1].item():.9g}") for i in bad.nonzero().flatten().tolist()]
 
 
 def seed_everything(seed: int) -> None:
@@ -87,6 +122,14 @@ class _Reducer:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t)
         return t.tolist()
+
+    def extremes(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(element-wise max, element-wise min) of `values` over ranks, in one all_reduce."""
+        if self.world == 1:
+            return values, values
+        both = torch.cat([values, -values]).to(self.device)
+        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+        return both[:len(values)], -both[len(values):]
 
     def all_true(self, flag: bool) -> bool:
         if self.world == 1:
@@ -142,6 +185,7 @@ class PhaseRunner:
         self.amp = autocast_dtype(phase.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.step, self.skipped, self.best, position = 0, 0, None, None
+        self.rows, self.rows_steps = 0, 0  # rows drawn in, and count of, this worker's applied steps
         self.last_eval: dict[str, float] = {}
         if ckpt is not None:
             with ckpt.as_directory() as d:
@@ -250,9 +294,12 @@ class PhaseRunner:
         self.opt.zero_grad(set_to_none=True)
         total, parts_sum = torch.zeros((), device=self.device), {n: 0.0 for n in self.loss_fns}
         part_vals: dict[str, torch.Tensor] = {}
+        rows = 0
         for micro in range(phase.grad_accum):
             t_wait = time.perf_counter()
-            batch = self._to_device(next(self.stream))
+            batch = next(self.stream)
+            rows += int((batch["lengths"] if "lengths" in batch else next(iter(batch.values()))).shape[0])
+            batch = self._to_device(batch)
             self.data_wait_s += time.perf_counter() - t_wait
             last = micro == phase.grad_accum - 1
             # DDP: no gradient all-reduce on accumulation steps, only on the last micro-batch.
@@ -280,6 +327,7 @@ class PhaseRunner:
         self.scaler.update()
         self.sched.step()
         self.step += 1
+        self.rows, self.rows_steps = self.rows + rows, self.rows_steps + 1
         out = {"train/loss": loss_value}
         if len(part_vals) > 1:
             out.update({f"train/{n}": v for n, v in parts_sum.items()})
@@ -326,10 +374,29 @@ class PhaseRunner:
         return {f"eval/{k}": v / (max(den[k], 1e-12) if k in den else n_all)
                 for k, v in zip(keys, totals[:len(keys)], strict=True)}
 
+    def check_replicas(self) -> None:
+        """Fail if DDP replicas hold different weights (every rank raises together: the verdict is
+        computed from all-reduced digests)."""
+        names, numels, digest = param_digest(unwrap(self.model).named_parameters())
+        bad = digest_mismatches(names, numels, *self.reduce.extremes(digest))
+        if bad:
+            (name, how), others = bad[0], [n for n, _ in bad[1:]]
+            more = (f"; {len(others)} more differ: {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
+                    if others else "")
+            raise ReplicaDivergenceError(
+                f"DDP replicas diverged at step {self.step}: parameter {name} differs between ranks ({how}{more}); "
+                "this is a bug or a non-deterministic frozen/unused-parameter setup (weights changed outside "
+                "the optimizer, or a rank-dependent model)")
+
     def save(self, metrics: dict[str, float]) -> None:
-        """All ranks report; rank 0 attaches the checkpoint (positions and RNG of every rank)."""
+        """All ranks report; rank 0 attaches the checkpoint (positions and RNG of every rank). With several
+        workers the replicas are checked first: a diverged model is not checkpointed."""
         import ray.train
 
+        if self.world > 1:
+            self.check_replicas()
+        if self.rows_steps:  # rows of all ranks and micro-batches per optimizer step, as trained
+            metrics = {**metrics, "perf/samples_per_step": self.reduce.sum([float(self.rows)])[0] / self.rows_steps}
         positions = [self.stream.position()]
         rngs = [rng_state()]
         if self.world > 1:
