@@ -43,6 +43,7 @@ from datasets_prep.readers.manifests import AUDIO_PATH_COLUMNS, list_items
 from datasets_prep.shards import MANIFEST_NAME, decode_audio, read_manifest, shard_paths
 from datasets_prep.splits import parse_ratios, split_items
 from datasets_prep.steps.audio import STEPS
+from datasets_prep.storage import is_uri, join, upload_dataset
 
 
 class _Strict(BaseModel):
@@ -125,7 +126,8 @@ StepSpec = str | dict[str, dict[str, Any] | None]  # "vad_trim" or {vad_trim: {p
 class PrepConfig(_Strict):
     name: str
     sample_rate: int | None = Field(default=None, gt=0)  # output rate; fills the resample step's default
-    output_dir: Path
+    output_dir: str  # a folder, or an s3:// / gs:// URI (written to staging_dir, then uploaded)
+    staging_dir: Path | None = None  # for a URI output_dir: the local folder shards are prepared in first
     input: InputSpec | None = None
     generator: EspeakGenerator | None = None
     raw_dir: Path | None = None  # generator only: where the synthesised wavs go
@@ -259,14 +261,24 @@ def run_prep_config(cfg: PrepConfig, *, root: Path | None = None) -> dict:
     """``run_prep`` of a validated config (the flag form of ``raytrain prep`` builds one)."""
     t_all = time.perf_counter()
     root = Path(root) if root is not None else Path.cwd()
-    out_dir = _resolve(root, cfg.output_dir)
+    remote = is_uri(cfg.output_dir)
+    # Object storage has no rename: shards are prepared (resumably) in a local folder, then uploaded
+    # with the manifest last.
+    out_dir = (_resolve(root, cfg.staging_dir or Path(".raytrain", "staging", cfg.name)) if remote
+               else _resolve(root, Path(cfg.output_dir)))
     if cfg.generator is None:
         splits = _run_input(cfg, root, out_dir)
     elif cfg.generator.layout == "asr":
         splits = _run_generator_asr(cfg, root, out_dir)
     else:
         splits = _run_generator(cfg, root, out_dir)
-    result = {"name": cfg.name, "output_dir": str(out_dir), "splits": splits,
+    if remote:
+        for folder in sorted({m.parent for m in out_dir.rglob(MANIFEST_NAME)}):
+            rel = folder.relative_to(out_dir).as_posix()
+            uri = join(cfg.output_dir, rel) if rel != "." else cfg.output_dir.rstrip("/")
+            counts = upload_dataset(folder, uri)
+            print(f"uploaded {folder} -> {uri}: {counts['uploaded']} files, {counts['skipped']} already there")
+    result = {"name": cfg.name, "output_dir": cfg.output_dir if remote else str(out_dir), "splits": splits,
               "seconds": round(time.perf_counter() - t_all, 1)}
     _print_table(result)
     return result

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
@@ -267,10 +266,9 @@ class ShardWriter:
 
 def _fs_and_path(folder: str | os.PathLike):
     """(pyarrow filesystem, path) for local folders and ``s3://`` / ``gs://`` URIs."""
-    s = str(folder)
-    if "://" in s:
-        return pafs.FileSystem.from_uri(s)
-    return pafs.LocalFileSystem(), str(Path(s).resolve())
+    from datasets_prep.storage import filesystem
+
+    return filesystem(folder)
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:

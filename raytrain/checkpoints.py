@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from datasets_prep.storage import download_file, is_uri
 from raytrain.config.schema import InitFromConfig, PhaseConfig
 
 STATE_FILE = "state.pt"
@@ -59,7 +60,17 @@ def strip_ddp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Model weights from a `model.pt`, a `state.pt`, or a folder holding either."""
+    """Model weights from a `model.pt`, a `state.pt`, or a folder holding either; also an s3:// or gs://
+    URI of a `model.pt`."""
+    if is_uri(path):
+        with tempfile.TemporaryDirectory(prefix="raytrain-ckpt-") as d:
+            try:
+                local = download_file(str(path), Path(d) / WEIGHTS_FILE)
+            except FileNotFoundError as e:
+                raise CheckpointError(f"checkpoint {path} does not exist in object storage. Give init_from a "
+                                      "phase that has finished, or an existing model.pt URI (see summary.json "
+                                      "of the earlier run).") from e
+            return load_weights(local)
     p = Path(path)
     if p.is_dir():
         p = p / WEIGHTS_FILE if (p / WEIGHTS_FILE).exists() else p / STATE_FILE
