@@ -46,11 +46,16 @@ def locate(source: str | Path, phase: str | None = None) -> tuple[Path, ModelCon
     return weights, pipe.phase_model(pipe.phase(phase)) if phase in [p.name for p in pipe.phases] else pipe.model
 
 
-def load_model(source: str | Path, phase: str | None = None) -> torch.nn.Module:
-    weights, mcfg = locate(source, phase)
+def from_weights(mcfg: ModelConfig, weights: str | Path) -> torch.nn.Module:
+    """The model `mcfg` describes with the weights of a `model.pt` (or `state.pt`), on the CPU, in eval mode."""
     model = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
     model.load_state_dict(load_weights(weights))
     return model.eval()
+
+
+def load_model(source: str | Path, phase: str | None = None) -> torch.nn.Module:
+    weights, mcfg = locate(source, phase)
+    return from_weights(mcfg, weights)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import yaml
 
+from datasets_prep.storage import download_file, exists, join, list_dirs, read_bytes, upload_file, write_bytes
 from raytrain.checkpoints import STATE_FILE, WEIGHTS_FILE, atomic_torch_save, atomic_write_text, plan_load
 from raytrain.config.loader import ConfigError
 from raytrain.config.schema import PhaseConfig, PipelineConfig
@@ -42,6 +43,8 @@ def resolve_paths(pipe: PipelineConfig) -> PipelineConfig:
     for d in raw["data"].values():
         d["shards"] = resolve(d["shards"])
     raw["runs_dir"] = resolve(raw["runs_dir"])
+    if raw.get("storage"):
+        raw["storage"] = resolve(raw["storage"])
     for ph in raw["phases"]:
         init = ph.get("init_from")
         if isinstance(init, dict) and init.get("path"):
@@ -57,6 +60,26 @@ def find_resumable(runs_dir: Path, name: str) -> Path | None:
     for run in sorted((p for p in root.iterdir() if (p / "summary.json").exists()), reverse=True):
         if json.loads((run / "summary.json").read_text()).get("status") != "finished":
             return run
+    return None
+
+
+def fetch_resumable(storage: str, name: str, runs_dir: Path) -> Path | None:
+    """The newest run of this pipeline in `storage` whose summary is not `finished`, copied into a local run
+    folder (summary.json, config.yaml): `--resume` on a machine that has never seen the run."""
+    base = join(storage, name)
+    for run_id in sorted(list_dirs(base), reverse=True):
+        try:
+            summary = json.loads(read_bytes(join(base, run_id, "summary.json")))
+        except FileNotFoundError:
+            continue
+        if summary.get("status") == "finished":
+            continue
+        local = runs_dir / name / run_id
+        for f in ("config.yaml", "summary.json"):  # the summary last: it marks a complete copy
+            if exists(join(base, run_id, f)):
+                download_file(join(base, run_id, f), local / f)
+        print(f"--resume: continuing run {run_id} from {join(base, run_id)}")
+        return local
     return None
 
 
@@ -110,6 +133,8 @@ class PipelineRunner:
         self.only = only
         runs_dir = Path(self.pipe.runs_dir)
         found = find_resumable(runs_dir, self.pipe.name) if resume and run_dir is None else None
+        if resume and run_dir is None and found is None and self.pipe.storage:
+            found = fetch_resumable(self.pipe.storage, self.pipe.name, runs_dir)
         if resume and run_dir is None and found is None:
             log.warning("--resume: no unfinished run of %s under %s; starting a new run", self.pipe.name, runs_dir)
         # Absolute: Ray workers run in other folders and read checkpoints by these paths.
@@ -119,8 +144,12 @@ class PipelineRunner:
                                         else {"pipeline": self.pipe.name, "run_id": self.run_dir.name,
                                               "status": "running", "phases": {}})
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # With `storage`, the run's checkpoints, weights and summary live at <storage>/<pipeline>/<run_id>.
+        self.storage_dir = join(self.pipe.storage, self.pipe.name, self.run_dir.name) if self.pipe.storage else None
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.pipe.model_dump(mode="json"),
                                                                        sort_keys=False))
+        if self.storage_dir:
+            upload_file(self.run_dir / "config.yaml", join(self.storage_dir, "config.yaml"))
         if config_text is not None and not (self.run_dir / "config.original.yaml").exists():
             atomic_write_text(self.run_dir / "config.original.yaml", config_text)
         uri = tracking_uri(self.pipe.tracking.uri, runs_dir)
@@ -133,7 +162,10 @@ class PipelineRunner:
 
     # ---- summary -----------------------------------------------------------------------------------
     def _save_summary(self) -> None:
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(self.summary, indent=2))
+        text = json.dumps(self.summary, indent=2)
+        atomic_write_text(self.run_dir / "summary.json", text)
+        if self.storage_dir:
+            write_bytes(join(self.storage_dir, "summary.json"), text.encode())
 
     def _phase_entry(self, name: str) -> dict[str, Any]:
         return self.summary["phases"].setdefault(name, {"status": "pending"})
@@ -145,7 +177,9 @@ class PipelineRunner:
             return None
         if init.phase is not None:
             prev = self.summary["phases"].get(init.phase, {})
-            path = prev.get(f"{init.checkpoint}_checkpoint")
+            # In object storage when the run has `storage`: workers on any node (and a resumed run on another
+            # machine) can read it there.
+            path = prev.get(f"{init.checkpoint}_checkpoint_uri") or prev.get(f"{init.checkpoint}_checkpoint")
             if prev.get("status") != "finished" or not path:
                 raise PipelineError(
                     f"phase {phase.name!r}: init_from {init.phase!r} has no finished checkpoint in "
@@ -221,7 +255,8 @@ class PipelineRunner:
             scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=use_gpu,
                                                    resources_per_worker=resources),
             run_config=ray.train.RunConfig(
-                name="ray", storage_path=str(phase_dir.resolve()),
+                name="ray", storage_path=join(self.storage_dir, phase.name) if self.storage_dir
+                else str(phase_dir.resolve()),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="score",
                                                              checkpoint_score_order=mode),
                 failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
@@ -259,6 +294,10 @@ class PipelineRunner:
                 state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
             atomic_torch_save(state["model"], phase_dir / label / WEIGHTS_FILE)
             entry[f"{label}_checkpoint"] = str(phase_dir / label / WEIGHTS_FILE)
+            if self.storage_dir:
+                uri = join(self.storage_dir, phase.name, label, WEIGHTS_FILE)
+                upload_file(phase_dir / label / WEIGHTS_FILE, uri)
+                entry[f"{label}_checkpoint_uri"] = uri
             if label == "last":
                 final = state["metrics"]
                 entry["steps"] = state["step"]
@@ -272,6 +311,10 @@ class PipelineRunner:
             gates.append({"metric": g.metric, "value": value, "min": g.min, "max": g.max, "passed": ok})
         self.tracker.artifact(run_id, entry["best_checkpoint"], "checkpoint")
         failed = [g for g in gates if not g["passed"]]
+        if not failed:  # the model in MLflow's format (tracking.log_model); a failure warns, the phase stays done
+            from raytrain.tracking import log_phase_model
+
+            log_phase_model(self.tracker, self.pipe, phase, entry, run_id)
         entry["status"] = "gate_failed" if failed else "finished"
         self._save_summary()
         self.tracker.end(run_id, "FAILED" if failed else "FINISHED")

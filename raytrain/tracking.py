@@ -2,15 +2,24 @@
 
 The driver logs what rank 0 reports (through the event queue), so workers never
 talk to the tracking store. `MLFLOW_TRACKING_URI` wins over the config; the default
-is a sqlite file beside the runs.
+is a sqlite file beside the runs. A finished train phase's best weights are logged as
+an MLflow pytorch model (`tracking.log_model`), the final one registered if
+`tracking.register_as` names a registered model.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from raytrain.config.schema import PhaseConfig, PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +57,20 @@ class Tracker:
         if not enabled:
             return
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # MLflow 3 sends usage telemetry to its servers from a background thread (set up on import): a training
+        # job has no business talking to hosts other than its tracking store. MLFLOW_DISABLE_TELEMETRY=false opts in.
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         logging.getLogger("alembic").setLevel(logging.WARNING)
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        # A local sqlite store keeps its artifacts beside the database (MLflow's default is ./mlruns in
+        # whatever folder the command runs from); a server decides for itself.
+        where = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() \
+            if uri.startswith("sqlite:///") else None
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=where)
 
     def start(self, name: str, params: dict[str, Any] | None = None, parent: str | None = None,
               run_id: str | None = None) -> str | None:
@@ -61,8 +78,13 @@ class Tracker:
         if not self.enabled:
             return None
         if run_id:
-            self.client.update_run(run_id, status="RUNNING")
-            return run_id
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+            except MlflowException:  # a resumed run whose tracking store was lost (a new machine's sqlite)
+                log.warning("MLflow run %s (%s) is not in %s; logging to a new run", run_id, name, self.uri)
         tags = {"mlflow.runName": name}
         if parent:
             tags["mlflow.parentRunId"] = parent
@@ -95,3 +117,85 @@ class Tracker:
     def end(self, run_id: str | None, status: str = "FINISHED") -> None:
         if self.enabled and run_id is not None:
             self.client.set_terminated(run_id, status=status)
+
+    @contextmanager
+    def _fluent_uri(self) -> Iterator[None]:
+        """MLflow's model functions (`mlflow.pytorch.log_model`, `mlflow.register_model`) use the process-wide
+        tracking URI; point it at this tracker's store for the call, then restore it and the environment."""
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            with _use_tracking_uri(self.uri):
+                yield
+        finally:  # restoring an unset URI also unsets MLFLOW_TRACKING_URI, which may have come from the user
+            if env is not None:
+                os.environ["MLFLOW_TRACKING_URI"] = env
+
+    def log_model(self, run_id: str, model: torch.nn.Module, *, step: int = 0,
+                  metadata: dict[str, Any] | None = None) -> str:
+        """Log `model` (pytorch flavor, pickled) as a model of `run_id`; returns its URI (`models:/<id>`).
+
+        The run's metrics at `step` are linked to the model. Requirements are pinned from the installed
+        packages: no inference subprocess, no package index."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        import mlflow.pytorch
+
+        requirements = mlflow.pytorch.get_default_pip_requirements()
+        try:
+            requirements.append(f"torchaudio=={version('torchaudio')}")
+        except PackageNotFoundError:
+            pass
+        # The logged model belongs to the run's experiment (log_model alone files it under the active experiment,
+        # i.e. "Default", when no run is active).
+        logged = self.client.create_logged_model(self.experiment_id, name="model", source_run_id=run_id)
+        with self._fluent_uri():
+            info = mlflow.pytorch.log_model(model, name="model", model_id=logged.model_id, run_id=run_id, step=step,
+                                            serialization_format="pickle", pip_requirements=requirements,
+                                            metadata=metadata)
+        return str(info.model_uri)
+
+    def register(self, model_uri: str, name: str) -> str:
+        """A new version of registered model `name` (created if needed) from a logged model; returns the version."""
+        import mlflow
+
+        with self._fluent_uri():
+            version = mlflow.register_model(model_uri, name)
+        return str(version.version)
+
+
+def log_phase_model(tracker: Tracker, pipe: PipelineConfig, phase: PhaseConfig, entry: dict[str, Any],
+                    run_id: str | None) -> None:
+    """Log a finished train phase's best weights as an MLflow model, and register it when it is the pipeline's
+    final train phase and `tracking.register_as` is set. Records `mlflow_model_uri` (and
+    `mlflow_registered_model`) in the phase's summary entry. A failure does not fail the finished phase: it is
+    recorded as `mlflow_model_error` and logged as a warning that says where the weights are."""
+    for key in ("mlflow_model_uri", "mlflow_registered_model", "mlflow_model_error"):
+        entry.pop(key, None)
+    if not (tracker.enabled and pipe.tracking.log_model and run_id and phase.kind == "train"):
+        return
+    import time
+
+    from raytrain.infer import from_weights
+
+    final = [p.name for p in pipe.phases if p.kind == "train"][-1] == phase.name
+    register_as = pipe.tracking.register_as if final else None
+    mcfg = pipe.phase_model(phase)
+    what = "logged"
+    try:
+        t0 = time.time()
+        model = from_weights(mcfg, entry["best_checkpoint"])
+        meta = {"raytrain": {"pipeline": pipe.name, "phase": phase.name, "model": mcfg.model_dump(mode="json"),
+                             "weights": str(entry["best_checkpoint"])}}
+        entry["mlflow_model_uri"] = tracker.log_model(run_id, model, step=int(entry.get("steps", 0)), metadata=meta)
+        if register_as:
+            what = f"registered as {register_as!r}"
+            entry["mlflow_registered_model"] = {"name": register_as,
+                                                "version": tracker.register(entry["mlflow_model_uri"], register_as)}
+        log.info("phase %s: MLflow model %s in %.1f s", phase.name, entry["mlflow_model_uri"], time.time() - t0)
+    except Exception as exc:
+        entry["mlflow_model_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        log.warning("phase %r finished, but its model could not be %s in MLflow (%s): %s. The phase's weights are "
+                    "in %s (summary.json: mlflow_model_error); `raytrain infer` uses them as they are.",
+                    phase.name, what, tracker.uri, entry["mlflow_model_error"], entry.get("best_checkpoint"))

@@ -207,12 +207,37 @@ class TrackingConfig(Strict):
     uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<runs_dir>/mlflow.db")
     experiment: str | None = None
     enabled: bool = True
+    log_model: bool = Field(
+        True, description="log each finished train phase's best weights as an MLflow pytorch model (its URI goes "
+                          "to summary.json as mlflow_model_uri); loading it needs raytrain importable")
+    register_as: str | None = Field(
+        None, description="register the final train phase's model under this name in the MLflow model registry "
+                          "(a new version each run; needs log_model)")
+
+    @field_validator("register_as")
+    @classmethod
+    def _model_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or any(c in value for c in "/:")):
+            raise ValueError(f"{value!r} is not a registered model name: MLflow names cannot be blank or contain "
+                             "'/' or ':'")
+        return value
+
+    @model_validator(mode="after")
+    def _register_needs_model(self) -> TrackingConfig:
+        if self.register_as is not None and not self.log_model:
+            raise ValueError("register_as needs log_model: true (only a logged model can be registered); "
+                             "remove register_as or set log_model: true")
+        return self
 
 
 class PipelineConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     runs_dir: str = "runs"
+    storage: str | None = Field(
+        None, description="s3://bucket/runs or gs://... (or a shared folder): Ray Train's checkpoints, each "
+                          "phase's best/last weights and summary.json go there, so any node can load them and "
+                          "--resume works from a fresh machine; runs_dir keeps a local copy of the run folder")
     data: dict[str, DatasetConfig]
     model: ModelConfig
     scaling: ScalingConfig = Field(default_factory=lambda: ScalingConfig())

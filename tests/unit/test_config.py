@@ -144,6 +144,25 @@ def test_unknown_capitalised_key_is_a_config_error() -> None:
     assert "Seed: unknown key. Did you mean 'seed'?" in msg
 
 
+def test_tracking_logs_models_by_default_and_registers_only_when_named() -> None:
+    tracking = load_config(raw=raw()).tracking
+    assert tracking.log_model is True and tracking.register_as is None
+    cfg = load_config(raw=raw(tracking={"register_as": "separator"}), overrides=["tracking.experiment=exp"])
+    assert cfg.tracking.register_as == "separator" and cfg.tracking.experiment == "exp"
+    assert load_config(raw=raw(), overrides=["tracking.log_model=false"]).tracking.log_model is False
+
+
+def test_tracking_typo_and_bad_registered_model_names_are_errors() -> None:
+    msg = load_error(raw(tracking={"log_modle": False}))
+    assert "tracking.log_modle: unknown key. Did you mean 'log_model'?" in msg
+    assert "Valid keys here: enabled, experiment, log_model, register_as, uri" in msg
+    msg = load_error(raw(tracking={"register_as": "team/separator"}))
+    assert "tracking.register_as: 'team/separator' is not a registered model name" in msg
+    assert "is not a registered model name" in load_error(raw(tracking={"register_as": " "}))
+    msg = load_error(raw(tracking={"register_as": "separator", "log_model": False}))
+    assert "tracking: register_as needs log_model: true" in msg
+
+
 def test_trainable_and_freeze_together_is_an_error() -> None:
     r = raw()
     r["phases"][0].update(trainable=["net.*"], freeze=["net.encoder.*"])
