@@ -138,18 +138,23 @@ SCHEMA_BREAKS: list[tuple[str, Edit, list[str]]] = [
 ]
 
 
+def assert_rejected(cfg: dict[str, Any], path: Path, reason: str, what: str, expected: list[str]) -> None:
+    """validate_cluster_config refuses `cfg` with `<file>: <reason>` and every text of `expected`."""
+    with pytest.raises(ValueError) as err:
+        validate_cluster_config(cfg, name=path.name)
+    msg = str(err.value)
+    assert msg.startswith(f"{path.name}: {reason}"), msg
+    for text in expected:
+        assert text in msg, f"{what}: {text!r} not in {msg}"
+
+
 @pytest.mark.parametrize("path", FILES, ids=IDS)
 @pytest.mark.parametrize(("what", "edit", "expected"), SCHEMA_BREAKS, ids=[b[0] for b in SCHEMA_BREAKS])
 def test_schema_rejects_broken_copy(path: Path, what: str, edit: Edit, expected: list[str]) -> None:
     cfg = broken(path, edit)
     with pytest.raises(jsonschema.ValidationError):  # Ray's schema itself, no raytrain logic
         jsonschema.validate(cfg, ray_schema())
-    with pytest.raises(ValueError) as err:
-        validate_cluster_config(cfg, name=path.name)
-    msg = str(err.value)
-    assert msg.startswith(f"{path.name}: does not match Ray's cluster schema"), msg
-    for text in expected:
-        assert text in msg, f"{what}: {text!r} not in {msg}"
+    assert_rejected(cfg, path, "does not match Ray's cluster schema", what, expected)
 
 
 def _head_not_a_type(c: dict[str, Any]) -> None:
@@ -171,12 +176,7 @@ RAY_PREP_BREAKS: list[tuple[str, Edit, list[str]]] = [
 def test_ray_preparation_rejects_broken_copy(path: Path, what: str, edit: Edit, expected: list[str]) -> None:
     cfg = broken(path, edit)
     jsonschema.validate(cfg, ray_schema())  # the schema alone lets these through
-    with pytest.raises(ValueError) as err:
-        validate_cluster_config(cfg, name=path.name)
-    msg = str(err.value)
-    assert msg.startswith(f"{path.name}: rejected by Ray's config preparation"), msg
-    for text in expected:
-        assert text in msg, f"{what}: {text!r} not in {msg}"
+    assert_rejected(cfg, path, "rejected by Ray's config preparation", what, expected)
 
 
 def _set(*keys: str, value: Any) -> Edit:
@@ -225,12 +225,7 @@ RULE_BREAKS: list[tuple[str, Edit, list[str]]] = [
 def test_raytrain_rules_reject_broken_copy(path: Path, what: str, edit: Edit, expected: list[str]) -> None:
     cfg = broken(path, edit)
     jsonschema.validate(cfg, ray_schema())  # Ray's schema does not catch these
-    with pytest.raises(ValueError) as err:
-        validate_cluster_config(cfg, name=path.name)
-    msg = str(err.value)
-    assert msg.startswith(f"{path.name}: breaks raytrain's cluster rules"), msg
-    for text in expected:
-        assert text in msg, f"{what}: {text!r} not in {msg}"
+    assert_rejected(cfg, path, "breaks raytrain's cluster rules", what, expected)
 
 
 def test_whole_float_gpu_count_is_accepted() -> None:
