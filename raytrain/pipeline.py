@@ -240,9 +240,6 @@ class PipelineRunner:
         data_ctx.print_on_execution_start = False
         exec_opts = data_ctx.execution_options
         exec_opts.preserve_order = True  # same batch order every run: exact mid-phase resume
-        # Ray 2.60's new file datasource (the default) took 1.4-2 s before the first block of every
-        # execution, i.e. every epoch of a streamed dataset; the established Parquet reader took 0.15 s.
-        data_ctx.use_datasource_v2 = False
         train_names = [s.name for s in phase.train] if phase.kind == "train" else []
         datasets, held, audio = phase_datasets(data, train_names, phase.eval, seed=self.pipe.seed)
         trainer = TorchTrainer(

@@ -11,19 +11,28 @@ Small datasets (their stored audio fits in a quarter of Ray's object store, or
 `cache: memory`) are read once per phase and held in the object store
 (`Dataset.materialize`): later epochs start at once and cost no reading, which on a
 few cores is CPU taken straight from training.
+
+A streamed train dataset is read in *passes* of several epochs (`epochs_per_pass`): one
+Ray Data execution reads every shard once per epoch, each epoch in its own seeded order.
+Every execution costs a start (the executor, its first read task) and, in Ray 2.60, its
+first second with the cluster's resources unknown to Ray Data, when read tasks run one at
+a time; once per pass instead of once per epoch, that cost disappears into the pass.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from datasets_prep.shards import decode_audio, read_manifest, shard_paths
+from datasets_prep.shards import decode_audio, read_manifest
 
 CACHE_FRACTION = 0.25  # cache: auto holds a dataset in memory when it needs at most this share of the store
+PASS_ROWS = 20_000  # a streamed train dataset is read in passes of at least this many rows (whole epochs)
+MAX_EPOCHS_PER_PASS = 32
 
 SPEECH_COLUMNS = ["id", "speaker", "audio", "text", "phonemes"]  # those a dataset has
 MIXTURE_COLUMNS = ["id", "mix", "s1", "s2"]
@@ -70,22 +79,44 @@ def decode_columns(batch: dict[str, np.ndarray], spec: dict[str, Any] | None) ->
     return batch
 
 
-def read_dataset(path: str, manifest: dict[str, Any] | None = None, shuffle_seed: int | None = None) -> Any:
-    """A streaming Ray Dataset of decoded rows from one shard folder (`manifest`: its, if already read).
+def shard_orders(num_files: int, shuffle_seed: int | None, epochs: int) -> list[list[int]]:
+    """The shard order of each epoch of a pass: as listed without a seed, else a permutation drawn
+    from (seed, epoch). The same for every pass, so a resumed run reads what the first one read."""
+    if shuffle_seed is None:
+        return [list(range(num_files)) for _ in range(epochs)]
+    return [[int(i) for i in np.random.default_rng((shuffle_seed, e)).permutation(num_files)]
+            for e in range(epochs)]
 
-    `shuffle_seed`: read the shard files in an order drawn from this seed. The order is the same
-    every epoch (a resumed run must read what the uninterrupted one read); the phase's
-    `shuffle_buffer` reshuffles rows differently each epoch on top of it."""
+
+def epochs_per_pass(manifest: dict[str, Any]) -> int:
+    """Epochs one Ray Data execution of a streamed train dataset covers: enough for `PASS_ROWS` rows."""
+    rows = max(1, int(manifest.get("rows") or 0))
+    return max(1, min(MAX_EPOCHS_PER_PASS, math.ceil(PASS_ROWS / rows)))
+
+
+def read_dataset(path: str, manifest: dict[str, Any] | None = None, shuffle_seed: int | None = None,
+                 epochs: int = 1) -> Any:
+    """A streaming Ray Dataset of a shard folder's training columns, `epochs` times over (one block per
+    shard and epoch, see `raytrain.data.shard_source`; `manifest`: the folder's, if already read).
+
+    `shuffle_seed`: each epoch reads the shard files in an order drawn from (seed, epoch), the same
+    in every pass (a resumed run must read what the uninterrupted one read); the phase's
+    `shuffle_buffer` reshuffles rows differently each pass on top of it."""
     import ray.data
-    from ray.data.datasource import FileShuffleConfig
+
+    from datasets_prep.storage import filesystem
+    from raytrain.data.shard_source import ShardFiles
 
     manifest = manifest or read_manifest(path)
-    files = shard_paths(path, manifest)
-    shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False)
-    # One block per shard file: Ray Data would otherwise split each file's block into many small
-    # ones (to reach its default parallelism), which cost 3x the epoch time here.
-    return ray.data.read_parquet(files, shuffle=shuffle, override_num_blocks=len(files)).select_columns(
-        _columns(manifest))
+    if not manifest["shards"]:
+        raise ValueError(f"{path}: its manifest lists no shards (every input was rejected?); "
+                         "prepare the dataset again with raytrain prep")
+    fs, root = filesystem(path)
+    files = [f"{root.rstrip('/')}/{sh['file']}" for sh in manifest["shards"]]
+    rows = [int(sh["rows"]) for sh in manifest["shards"]]
+    source = ShardFiles(fs, files, rows, _columns(manifest), shard_orders(len(files), shuffle_seed, epochs),
+                        held_bytes(manifest) / max(1, sum(rows)))
+    return ray.data.read_datasource(source, override_num_blocks=len(source.tasks))
 
 
 def held_bytes(manifest: dict[str, Any]) -> int:
@@ -103,19 +134,20 @@ def should_cache(cache: str, manifest: dict[str, Any], store_bytes: float) -> bo
     return held_bytes(manifest) <= CACHE_FRACTION * store_bytes
 
 
-def open_dataset(name: str, path: str, cache: str = "auto", shuffle_seed: int | None = None
-                 ) -> tuple[Any, bool, dict[str, Any]]:
+def open_dataset(name: str, path: str, cache: str = "auto", shuffle_seed: int | None = None,
+                 passes: bool = False) -> tuple[Any, bool, dict[str, Any]]:
     """(`read_dataset`, materialized in the object store when `should_cache` says so; whether it was;
-    its `audio_spec`)."""
+    its `audio_spec`). `passes`: a streamed dataset spans `epochs_per_pass` epochs (train datasets),
+    which its spec says under that key."""
     import ray
 
     manifest = read_manifest(path)
-    ds = read_dataset(path, manifest, shuffle_seed)
     store = float(ray.available_resources().get("object_store_memory", 0.0))
     if not should_cache(cache, manifest, store):
-        return ds, False, audio_spec(manifest)
+        epochs = epochs_per_pass(manifest) if passes else 1
+        return read_dataset(path, manifest, shuffle_seed, epochs), False, {**audio_spec(manifest), "epochs_per_pass": epochs}
     t0 = time.perf_counter()
-    ds = ds.materialize()
+    ds = read_dataset(path, manifest, shuffle_seed).materialize()
     print(f"data {name}: read once, {held_bytes(manifest) / 1e6:.0f} MB held in memory "
           f"({time.perf_counter() - t0:.1f} s)")
     return ds, True, audio_spec(manifest)
@@ -129,7 +161,8 @@ def phase_datasets(data: dict[str, tuple[str, str]], train: list[str], eval_name
     out, held, specs = {}, [], {}
     for k, name in enumerate(train):
         key = f"train:{name}"
-        out[key], cached, specs[key] = open_dataset(name, *data[name], shuffle_seed=(seed * 1_000_003 + k) % 2**32)
+        out[key], cached, specs[key] = open_dataset(name, *data[name], shuffle_seed=(seed * 1_000_003 + k) % 2**32,
+                                                    passes=True)
         if cached:
             held.append(name)
     if eval_name:

@@ -7,6 +7,8 @@ the batches it has consumed, so a resumed run skips exactly what was already see
 A source marked `hold` (a dataset small enough to sit in memory) is read through Ray
 Data once: the worker keeps the raw rows of its first epoch and serves every later
 epoch from them, reshuffled by (seed, epoch), with no Ray Data work beside training.
+A streamed source is read in passes of several epochs (its spec's `epochs_per_pass`, see
+`raytrain.data.datasets`); its recorded "epoch" then counts passes.
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ class BatchStream:
 
     def _read(self, name: str, epoch: int, collate: Collate, drop_last: bool = True
               ) -> Iterator[dict[str, torch.Tensor]]:
-        """One epoch of `name`: Ray Data hands over numpy batches of `READ_ROWS` rows, which are cut into
+        """One epoch (a pass, for a streamed dataset) of `name`: Ray Data hands over numpy batches of `READ_ROWS` rows, which are cut into
         training batches and collated in one background thread. Ray Data's own batching of 16-row
         slices cost 1.7x the time per row here (an Arrow slice and a format conversion per batch)."""
         kwargs: dict[str, Any] = {}
@@ -212,8 +214,19 @@ class BatchStream:
                       "local_shuffle_seed": self.seed * 100_003 + epoch}
         blocks = self.shards[name].iter_batches(batch_size=max(READ_ROWS, self.batch_size), batch_format="numpy",
                                                 prefetch_batches=1, **kwargs)
-        batches = (collate(b) for b in rebatch(blocks, self.batch_size, drop_last))
-        return prefetch(batches, self.prefetch)
+        batches = rebatch(blocks, self.batch_size, drop_last)
+        if self.audio.get(name, {}).get("epochs_per_pass", 1) > 1:
+            return prefetch(self._keyed(collate, epoch, batches), self.prefetch)
+        return prefetch((collate(b) for b in batches), self.prefetch)
+
+    @staticmethod
+    def _keyed(collate: Collate, epoch: int, batches: Iterable[dict[str, np.ndarray]]
+               ) -> Iterator[dict[str, torch.Tensor]]:
+        """A pass of several epochs: the same rows may come back in the same batch later in the pass, so
+        transforms draw from (pass, batch number) rather than from the pass alone."""
+        for i, b in enumerate(batches):
+            collate.epoch = (epoch << 32) | i
+            yield collate(b)
 
     def _open(self, name: str) -> Iterator[dict[str, torch.Tensor]]:
         epoch = self.epoch[name]

@@ -111,3 +111,46 @@ def test_train_files_are_read_in_a_seeded_order_and_the_buffer_reshuffles_each_e
     assert flat[0] != flat[1]  # the buffer draws a new order each epoch
     twin = stream({"picks": 8, "epoch": {"a": 1}, "consumed": {"a": 2}})
     assert [keys(next(twin)) for _ in range(4)] == epochs[1][2:]
+
+
+def test_a_pass_of_epochs_reads_each_shard_once_per_epoch_and_resumes_mid_pass(ray_local: Any,
+                                                                                tmp_path: Any) -> None:
+    """A streamed train dataset is one Ray Data execution of several epochs: each epoch reads every shard
+    in its own seeded order, a batch met again later in the pass gets new random crops, and a run
+    resumed mid-pass gets the same batches as the uninterrupted one."""
+    from datasets_prep.shards import read_manifest
+    from raytrain.data.datasets import audio_spec, read_dataset, shard_orders
+    from raytrain.data.stream import build_transforms
+
+    ray_local.data.DataContext.get_current().execution_options.preserve_order = True
+    folder = _shards(tmp_path)  # 6 shards of 4 rows: shard k holds speaker s<k>
+    ids = [r["id"] for r in read_dataset(folder, shuffle_seed=11, epochs=3).select_columns(["id"]).iter_rows()]
+    assert len(ids) == 72
+    for e, order in enumerate(shard_orders(6, 11, 3)):
+        epoch = ids[24 * e:24 * (e + 1)]
+        assert sorted(epoch) == sorted(ids[:24]) and len(set(epoch)) == 24
+        assert [i.split("/")[0] for i in epoch[::4]] == [f"s{k}" for k in order]
+
+    spec = {**audio_spec(read_manifest(folder)), "epochs_per_pass": 3}
+
+    def stream(position: dict[str, Any] | None = None) -> BatchStream:
+        return BatchStream({"a": read_dataset(folder, shuffle_seed=11, epochs=3).iterator()}, {"a": 1.0},
+                           batch_size=4, transforms=build_transforms([{"name": "crop", "args": {"seconds": 0.25}}],
+                                                                     8000, seed=2),
+                           seed=3, position=position, audio={"a": spec})
+
+    s = stream()
+    batches = [next(s)["audio"].numpy() for _ in range(18)]  # one pass: 3 epochs of 6 batches (one shard each)
+    assert s.position() == {"picks": 18, "epoch": {"a": 0}, "consumed": {"a": 18}}
+    assert all(b.shape == (4, 2000) for b in batches)
+    # each shard comes back once per epoch as the same four rows (batch j of epoch e is shard orders[e][j]),
+    # cropped differently every time
+    orders = shard_orders(6, 11, 3)
+    for k in range(6):
+        seen = [batches[6 * e + order.index(k)] for e, order in enumerate(orders)]
+        assert not np.allclose(seen[0], seen[1]) and not np.allclose(seen[1], seen[2])
+        assert not np.allclose(seen[0], seen[2])
+    twin = stream({"picks": 10, "epoch": {"a": 0}, "consumed": {"a": 10}})
+    assert all(np.array_equal(next(twin)["audio"].numpy(), b) for b in batches[10:])
+    next(s)
+    assert s.position() == {"picks": 19, "epoch": {"a": 1}, "consumed": {"a": 1}}  # the next pass

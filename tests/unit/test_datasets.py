@@ -69,3 +69,31 @@ def test_collate_decodes_stored_audio_of_the_dataset_format(fmt: str) -> None:
     for i, w in enumerate(waves):
         np.testing.assert_array_equal(batch["audio"][i, : len(w)].numpy(), w.astype(np.float32))
         assert not batch["audio"][i, len(w):].any()
+
+
+def test_each_epoch_of_a_pass_reads_every_shard_once_in_its_own_seeded_order() -> None:
+    from raytrain.data.datasets import shard_orders
+
+    assert shard_orders(4, None, 2) == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    orders = shard_orders(12, 5, 3)
+    assert all(sorted(o) == list(range(12)) for o in orders)
+    assert orders[0] != orders[1] != orders[2]
+    assert shard_orders(12, 5, 3) == orders and shard_orders(12, 5, 1) == orders[:1]  # every pass the same
+    assert shard_orders(12, 6, 1) != orders[:1]
+
+
+@pytest.mark.parametrize(("rows", "expected"), [(2000, 10), (20_000, 1), (50_000, 1), (7, 32), (0, 32)])
+def test_a_pass_spans_whole_epochs_up_to_the_pass_size(rows: int, expected: int) -> None:
+    from raytrain.data.datasets import epochs_per_pass
+
+    assert epochs_per_pass({"rows": rows}) == expected
+
+
+def test_read_tasks_take_consecutive_shards_up_to_the_byte_limit() -> None:
+    from raytrain.data.shard_source import group_tasks
+
+    sizes = [16.0, 16.0, 40.0, 70.0, 16.0, 16.0]
+    assert group_tasks([0, 1, 2, 3, 4, 5], sizes, 64) == [[0, 1], [2], [3], [4, 5]]
+    assert group_tasks([5, 4, 1, 0], sizes, 64) == [[5, 4, 1, 0]]
+    assert group_tasks([3, 3], sizes, 64) == [[3], [3]]  # one too big for the limit still gets a task
+    assert group_tasks([], sizes, 64) == []
