@@ -16,6 +16,7 @@ one as long as batches are formed the same way (deterministic block order, same
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 from raytrain.registry import Registry
 
 TRANSFORMS: Registry[Any] = Registry("transform")
+log = logging.getLogger(__name__)
 
 NumpyBatch = dict[str, np.ndarray]
 
@@ -74,7 +76,9 @@ class DynamicMix:
 
     with ``T = round(crop_seconds * sample_rate)``. Partners are drawn by picking
     ``S - 1`` distinct other speakers uniformly, then one of their utterances, so all
-    ``S`` speakers of a mixture differ. Each source is a random ``T``-sample window
+    ``S`` speakers of a mixture differ. A batch that holds fewer than ``S`` speakers
+    (by chance: few speakers, small batches) fills the missing partners with other
+    utterances of its speakers and logs a warning the first time. Each source is a random ``T``-sample window
     (shorter utterances are zero-padded at the end), scaled by a gain drawn uniformly
     in ``gain_db`` dB; sources and mix are then scaled together so that no sample of
     either exceeds 0.9 in magnitude. Other columns are dropped.
@@ -109,23 +113,28 @@ class DynamicMix:
         audio = _rows(batch["audio"])
         names, codes = np.unique(np.asarray(batch["speaker"]).astype(str), return_inverse=True)
         n, s, t = len(audio), self.num_speakers, self.num_samples
-        if len(names) < s:
+        if n < s:
             raise ValueError(
-                f"dynamic_mix: the batch holds {len(names)} speaker(s) ({', '.join(names[:5])}) but each mixture "
-                f"needs {s} different speakers. Shuffle the dataset (random_shuffle or a shuffle buffer) "
-                "and/or give map_batches a larger batch_size so that every batch mixes several speakers."
-            )
+                f"dynamic_mix: a batch of {n} row(s) cannot make mixtures of {s} utterances; "
+                f"set batch_size to at least {s}")
         rng = batch_rng(batch, self.seed, epoch, np.array([len(a) for a in audio]))
         by_speaker = [np.flatnonzero(codes == c) for c in range(len(names))]
 
         rows = np.empty((n, s), dtype=np.int64)
         rows[:, 0] = np.arange(n)
+        if len(names) < s:
+            self._few_speakers(len(names), n)
         for i in range(n):
-            others = rng.choice(len(names) - 1, size=s - 1, replace=False)
+            k = min(s - 1, len(names) - 1)  # other speakers, one utterance each
+            others = rng.choice(len(names) - 1, size=k, replace=False)
             others = others + (others >= codes[i])  # skip row i's own speaker code
             for j, c in enumerate(others, start=1):
                 group = by_speaker[c]
                 rows[i, j] = group[rng.integers(len(group))]
+            if k < s - 1:  # too few speakers in this batch: fill up with other utterances of the same ones
+                taken = set(rows[i, :k + 1].tolist())
+                rest = np.array([r for r in range(n) if r not in taken])
+                rows[i, k + 1:] = rng.choice(rest, size=s - 1 - k, replace=False)
 
         sources = np.zeros((n, s, t), dtype=np.float32)
         valid = np.zeros((n, s), dtype=np.int64)
@@ -139,6 +148,15 @@ class DynamicMix:
         scale = np.where(peak > 0.9, 0.9 / np.maximum(peak, 1e-12), 1.0).astype(np.float32)
         sources *= scale[:, None, None]
         return {"mix": sources.sum(axis=1), "sources": sources, "lengths": valid.max(axis=1)}
+
+    def _few_speakers(self, speakers: int, rows: int) -> None:
+        """A batch with fewer speakers than a mixture needs (chance, with few speakers and small batches):
+        its mixtures repeat a speaker. Said once per worker; failing would end a run by chance."""
+        self.few_speaker_batches = getattr(self, "few_speaker_batches", 0) + 1
+        if self.few_speaker_batches == 1:
+            log.warning("dynamic_mix: a batch of %d rows holds %d speaker(s), fewer than the %d a mixture needs; "
+                        "its mixtures repeat a speaker (a larger batch_size or shuffle_buffer makes this rarer)",
+                        rows, speakers, self.num_speakers)
 
 
 @TRANSFORMS.register("crop")

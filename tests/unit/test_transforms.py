@@ -98,12 +98,25 @@ def test_short_utterances_are_padded_and_lengths_are_the_longest_source() -> Non
         assert not out["mix"][i, out["lengths"][i] :].any()
 
 
-def test_single_speaker_batch_explains_the_fix() -> None:
-    batch = _speech_batch([1000] * 4, ["a"] * 4)
-    with pytest.raises(ValueError, match="batch holds 1 speaker.*[Ss]huffle.*batch_size"):
-        DynamicMix(sample_rate=SR, seed=0)(batch)
-    with pytest.raises(ValueError, match="needs 3 different speakers"):
-        DynamicMix(num_speakers=3, sample_rate=SR, seed=0)(_speech_batch([1000] * 4, ["a", "b"] * 2))
+def test_a_batch_with_too_few_speakers_repeats_one_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Chance (few speakers, small batches) must not end a run: the missing partners are other utterances."""
+    mix = DynamicMix(num_speakers=3, crop_seconds=1.0, gain_db=(0, 0), sample_rate=SR, seed=0)
+    speakers = ["a", "b", "a", "a", "b"]
+    batch = _speech_batch([1000] * 5, speakers)
+    with caplog.at_level("WARNING", logger="raytrain.data.transforms"):
+        out = mix(batch)
+        mix(_speech_batch([1000] * 4, ["a"] * 4))
+    assert [r.message.count("holds 2 speaker(s)") for r in caplog.records] == [1]  # said once
+    assert out["sources"].shape == (5, 3, SR) and mix.few_speaker_batches == 2
+    audio = [np.asarray(a[:SR]) for a in batch["audio"]]
+    for i in range(5):
+        # a source is its utterance scaled (the mixture's peak limit): the one it correlates with fully
+        rows = [next(r for r in range(5) if abs(np.corrcoef(out["sources"][i, j], audio[r])[0, 1]) > 0.999)
+                for j in range(3)]
+        assert rows[0] == i and len(set(rows)) == 3  # three different utterances
+        assert {speakers[r] for r in rows} == {"a", "b"}  # both speakers of the batch in every mixture
+    with pytest.raises(ValueError, match="batch of 2 row.*set batch_size to at least 3"):
+        mix(_speech_batch([1000] * 2, ["a", "b"]))
 
 
 def test_fixed_shape_audio_column_is_accepted() -> None:
