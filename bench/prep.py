@@ -4,7 +4,8 @@
 
 A fixed corpus (seed 0) of `--utterances` wav files (PCM16 at `--input-rate`, 44.1 kHz by default,
 so resampling to 16 kHz does real work) is written as `<root>/<speaker>/<utt>.wav` over 16
-speakers, with a `.txt` transcript beside each. The audio is speech-like: voiced syllables
+speakers, with a `.txt` transcript beside each but the long ones (untranscribed recordings: `segment`
+cuts only audio without a transcript). The audio is speech-like: voiced syllables
 (harmonics of a gliding pitch) in words and phrases with pauses, with 0.3-1.5 s of near-silence
 before and after (so `vad_trim` trims), and one file in ten lasts 20-45 s (so `segment` splits it).
 
@@ -98,12 +99,14 @@ def make_corpus(root: Path, n: int, rate: int, seed: int = 0) -> float:
     for i in range(n):
         spk = root / f"spk{i % SPEAKERS:02d}"
         spk.mkdir(parents=True, exist_ok=True)
-        speech = _speech(rng, bank, rng.uniform(20, 45) if rng.random() < 0.1 else rng.uniform(2, 8), rate)
+        long = rng.random() < 0.1
+        speech = _speech(rng, bank, rng.uniform(20, 45) if long else rng.uniform(2, 8), rate)
         lead, trail = (np.zeros(int(rng.uniform(0.3, 1.5) * rate), np.float32) for _ in range(2))
         wave = np.concatenate([lead, speech, trail])
         wave += rng.standard_normal(len(wave), dtype=np.float32) * np.float32(3e-4)  # a noise floor, not zeros
         sf.write(spk / f"u{i:05d}.wav", wave, rate, subtype="PCM_16")
-        (spk / f"u{i:05d}.txt").write_text(f"utterance {i} of speaker {i % SPEAKERS}\n")
+        if not long:  # a long recording has no transcript: `segment` cuts untranscribed audio only
+            (spk / f"u{i:05d}.txt").write_text(f"utterance {i} of speaker {i % SPEAKERS}\n")
         total += len(wave)
     return total / rate
 
@@ -208,9 +211,9 @@ def plain_prep(root: Path, out: Path, rows_per_shard: int) -> tuple[int, int]:
             for n, (start, piece) in enumerate(pieces):
                 with torch.no_grad():
                     m = torch.log(mel(torch.from_numpy(np.ascontiguousarray(piece))) + 1e-6).T.contiguous().numpy()
-                utt = f"{path.parent.name}/{path.stem}"
+                utt, txt = f"{path.parent.name}/{path.stem}", path.with_suffix(".txt")
                 rows.append({"id": utt if start < 0 else f"{utt}_{n:03d}", "speaker": path.parent.name,
-                             "text": path.with_suffix(".txt").read_text().strip(), "audio": _pcm16(piece),
+                             "text": txt.read_text().strip() if txt.is_file() else "", "audio": _pcm16(piece),
                              "mel": m.tobytes(), "mel_frames": m.shape[0], "n_mels": m.shape[1],
                              "num_samples": len(piece), "sample_rate": SR,
                              "segment_start": None if start < 0 else start / SR})

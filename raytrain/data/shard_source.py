@@ -6,8 +6,8 @@ cost that many times over. The manifest already knows each shard's rows, so this
 plans nothing. A read task reads consecutive shards (in the pass's order) up to
 `TASK_BYTES` and hands each over as its own block: on a machine with a core or two to
 spare for reading, the pause between one task and the next, not the reading, is what
-bounds a stream of small tasks (one 16 MB shard per task: 0.65 of the pyarrow limit in
-`bench/ingest.py`; four per task: 0.8-0.9). Local shards are memory-mapped.
+bounds a stream of small tasks (one 16 MB shard per task: 0.66 of the pyarrow limit in
+`bench/ingest.py`; four per task: 0.87-0.90). Local shards are memory-mapped.
 """
 
 from __future__ import annotations
