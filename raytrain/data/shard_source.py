@@ -77,6 +77,6 @@ class ShardFiles(Datasource):
             rows = sum(self.rows[i] for i in group)
             tasks.append(ReadTask(partial(read_shards, self.fs, [self.files[i] for i in group], self.columns),
                                   BlockMetadata(num_rows=rows, size_bytes=int(self.bytes_per_row * rows),
-                                                input_files=[self.files[i] for i in group], exec_stats=None),
+                                                input_files=tuple(self.files[i] for i in group), exec_stats=None),
                                   schema=self.schema, per_task_row_limit=per_task_row_limit))
         return tasks
