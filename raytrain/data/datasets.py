@@ -145,7 +145,8 @@ def open_dataset(name: str, path: str, cache: str = "auto", shuffle_seed: int | 
     store = float(ray.available_resources().get("object_store_memory", 0.0))
     if not should_cache(cache, manifest, store):
         epochs = epochs_per_pass(manifest) if passes else 1
-        return read_dataset(path, manifest, shuffle_seed, epochs), False, {**audio_spec(manifest), "epochs_per_pass": epochs}
+        spec = {**audio_spec(manifest), "epochs_per_pass": epochs}
+        return read_dataset(path, manifest, shuffle_seed, epochs), False, spec
     t0 = time.perf_counter()
     ds = read_dataset(path, manifest, shuffle_seed).materialize()
     print(f"data {name}: read once, {held_bytes(manifest) / 1e6:.0f} MB held in memory "

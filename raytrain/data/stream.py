@@ -205,8 +205,8 @@ class BatchStream:
 
     def _read(self, name: str, epoch: int, collate: Collate, drop_last: bool = True
               ) -> Iterator[dict[str, torch.Tensor]]:
-        """One epoch (a pass, for a streamed dataset) of `name`: Ray Data hands over numpy batches of `READ_ROWS` rows, which are cut into
-        training batches and collated in one background thread. Ray Data's own batching of 16-row
+        """One epoch (a pass, for a streamed dataset) of `name`: Ray Data hands over numpy batches of
+        `READ_ROWS` rows, which are cut into training batches and collated in one background thread. Ray Data's own batching of 16-row
         slices cost 1.7x the time per row here (an Arrow slice and a format conversion per batch)."""
         kwargs: dict[str, Any] = {}
         if self.shuffle_buffer:
