@@ -485,6 +485,3 @@ class PhaseRunner:
                 self._emit("log", message=f"fail_at_step={step}: rank 0 exits now (fault-injection test)")
                 os._exit(1)
 
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    PhaseRunner(config).run()
