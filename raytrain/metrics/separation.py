@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.audio import (
-    permutation_invariant_training,
-    scale_invariant_signal_distortion_ratio,
-)
+
+# torchmetrics is imported where it is used: importing it takes ~2.5 s (it imports all its metrics and
+# scipy.signal), which `raytrain plan`, the driver and ASR-only workers need not pay.
 
 
 def valid_mask(lengths: Tensor | None, batch: int, time: int, device: torch.device) -> Tensor:
@@ -61,6 +60,11 @@ def pit_si_sdr(est: Tensor, ref: Tensor, lengths: Tensor | None = None) -> tuple
     estimate index matched to reference ``j``. Scored in float32 (or wider), so bf16/fp16
     outputs under autocast do not overflow the epsilon guards. Differentiable in ``est``.
     """
+    from torchmetrics.functional.audio import (
+        permutation_invariant_training,
+        scale_invariant_signal_distortion_ratio,
+    )
+
     _check_shapes(est, ref)
     dtype = torch.promote_types(est.dtype, torch.float32)
     mask = valid_mask(lengths, est.shape[0], est.shape[-1], est.device)
@@ -86,6 +90,8 @@ def mixture_si_sdr(mix: Tensor, ref: Tensor, lengths: Tensor | None = None) -> T
         raise ValueError(
             f"mix must be (batch, time) = {(ref.shape[0], ref.shape[-1])}, got {tuple(mix.shape)}"
         )
+    from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
+
     dtype = torch.promote_types(mix.dtype, torch.float32)
     mask = valid_mask(lengths, ref.shape[0], ref.shape[-1], ref.device)
     ref_c = mask_and_center(ref.to(dtype), mask)
