@@ -80,6 +80,11 @@ def check_sweep(pipe: PipelineConfig, sweep: SweepConfig) -> None:
 
 
 # ---- one trial ---------------------------------------------------------------------------------------
+# A trial logs its model but registers none: each would add a registry version, the newest being whichever
+# trial ended last. The sweep registers its best finished trial's model (`Sweep.register_best`).
+TRIAL_TRACKING: dict[str, Any] = {"tracking.register_as": None}
+
+
 class Trial:
     """The Tune function of a sweep: one run folder, one `TorchTrainer` of the swept phase."""
 
@@ -97,7 +102,8 @@ class Trial:
         # driver's resolved URI, never a relative sqlite path.
         os.environ["MLFLOW_TRACKING_URI"] = self.mlflow_uri
         values = dict(config["values"])
-        pipe = with_values(load_config(raw=self.raw), {**values, f"phases.{self.phase}.scaling": self.scaling})
+        pipe = with_values(load_config(raw=self.raw), {**values, f"phases.{self.phase}.scaling": self.scaling,
+                                                       **TRIAL_TRACKING})
         run_dir = Path(self.sweep_dir) / "trials" / trial_id
         done = run_dir / "summary.json"
         if done.exists() and json.loads(done.read_text())["phases"].get(self.phase, {}).get("status") in (
@@ -331,6 +337,35 @@ class Sweep:
         plot_sweep(rows, sw, self.dir / "sweep.png")
         for name in ("trials.txt", "sweep.png", "best.yaml"):
             self.tracker.artifact(parent, self.dir / name)
+        self.register_best()
+
+    def register_best(self) -> dict[str, Any] | None:
+        """When the swept phase is the pipeline's final train phase and `tracking.register_as` is set: register
+        the best finished trial's logged model (once, also when a resumed sweep reports again); returns
+        ``{"name", "version", "trial"}``. A sweep of an earlier phase leaves registering to the run that
+        continues from it (`--then-continue`)."""
+        name = self.pipe.tracking.register_as
+        final = [p.name for p in self.pipe.phases if p.kind == "train"][-1]
+        best = self.state.get("best_finished")
+        if not (name and self.tracker.enabled and self.pipe.tracking.log_model and self.sweep.phase == final):
+            return None
+        done = self.state.get("registered_model")
+        if done and best and done.get("trial") == best["trial"]:
+            return dict(done)
+        if best is None:
+            print(f"sweep: no trial finished phase {self.sweep.phase!r}; nothing registered as {name!r}")
+            return None
+        summary = json.loads((Path(best["dir"]) / "summary.json").read_text())
+        uri = summary["phases"][self.sweep.phase].get("mlflow_model_uri")
+        if not uri:
+            print(f"sweep: the best finished trial {best['trial']} has no MLflow model (see its summary.json, "
+                  f"mlflow_model_error); nothing registered as {name!r}")
+            return None
+        version = self.tracker.register(uri, name)
+        self.state["registered_model"] = {"name": name, "version": version, "trial": best["trial"]}
+        self._save()
+        print(f"sweep: the best finished trial {best['trial']}'s model registered as {name!r}, version {version}")
+        return dict(self.state["registered_model"])
 
     def _continue(self, parent: str | None) -> None:
         """The phases after the swept one, from the best finished trial, as one pipeline run."""
