@@ -43,6 +43,17 @@ def locate(source: str | Path, phase: str | None = None) -> tuple[Path, ModelCon
         if not entry.get("best_checkpoint"):
             raise FileNotFoundError(f"{run_dir}: phase {phase!r} has no checkpoint (status: {entry.get('status')})")
         weights = Path(entry["best_checkpoint"])
+        if not weights.exists() and entry.get("best_checkpoint_uri"):
+            # a run with `storage:` resumed elsewhere (or this folder copied without its weights): the weights
+            # are in the storage; fetch them to where the summary says they belong
+            from datasets_prep.storage import download_file, exists
+
+            uri = entry["best_checkpoint_uri"]
+            if not exists(uri):
+                raise FileNotFoundError(f"{run_dir}: phase {phase!r}: its best weights are neither at {weights} "
+                                        f"nor at {uri}")
+            print(f"{phase}: fetching its best weights from {uri}")
+            download_file(uri, weights)
     return weights, pipe.phase_model(pipe.phase(phase)) if phase in [p.name for p in pipe.phases] else pipe.model
 
 
