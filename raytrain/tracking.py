@@ -179,8 +179,7 @@ def log_phase_model(tracker: Tracker, pipe: PipelineConfig, phase: PhaseConfig, 
 
     from raytrain.infer import from_weights
 
-    final = [p.name for p in pipe.phases if p.kind == "train"][-1] == phase.name
-    register_as = pipe.tracking.register_as if final else None
+    register_as = pipe.tracking.register_as if pipe.final_train_phase() == phase.name else None
     mcfg = pipe.phase_model(phase)
     what = "logged"
     try:

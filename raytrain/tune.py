@@ -307,7 +307,8 @@ class Sweep:
                          "values": res.config["values"], "status": status,
                          "steps": int(history[-1][0]) if history else 0,
                          "metric": float(history[-1][1]) if history else None, "history": history,
-                         "mlflow_run_id": entry.get("mlflow_run_id"), "dir": str(self.dir / "trials" / tid),
+                         "mlflow_run_id": entry.get("mlflow_run_id"), "mlflow_model_uri": entry.get("mlflow_model_uri"),
+                         "dir": str(self.dir / "trials" / tid),
                          "error": str(res.error)[:500] if res.error else None})
         sign = -1 if sw.mode == "max" else 1
         rows.sort(key=lambda r: (r["metric"] is None, sign * (r["metric"] or 0.0)))
@@ -345,9 +346,9 @@ class Sweep:
         ``{"name", "version", "trial"}``. A sweep of an earlier phase leaves registering to the run that
         continues from it (`--then-continue`)."""
         name = self.pipe.tracking.register_as
-        final = [p.name for p in self.pipe.phases if p.kind == "train"][-1]
         best = self.state.get("best_finished")
-        if not (name and self.tracker.enabled and self.pipe.tracking.log_model and self.sweep.phase == final):
+        if not (name and self.tracker.enabled and self.pipe.tracking.log_model
+                and self.sweep.phase == self.pipe.final_train_phase()):
             return None
         done = self.state.get("registered_model")
         if done and best and done.get("trial") == best["trial"]:
@@ -355,8 +356,7 @@ class Sweep:
         if best is None:
             print(f"sweep: no trial finished phase {self.sweep.phase!r}; nothing registered as {name!r}")
             return None
-        summary = json.loads((Path(best["dir"]) / "summary.json").read_text())
-        uri = summary["phases"][self.sweep.phase].get("mlflow_model_uri")
+        uri = best.get("mlflow_model_uri")
         if not uri:
             print(f"sweep: the best finished trial {best['trial']} has no MLflow model (see its summary.json, "
                   f"mlflow_model_error); nothing registered as {name!r}")

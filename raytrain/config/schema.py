@@ -252,6 +252,10 @@ class PipelineConfig(Strict):
                 return p
         raise KeyError(f"no phase named {name!r}; phases: {[p.name for p in self.phases]}")
 
+    def final_train_phase(self) -> str | None:
+        """The name of the last `train` phase (whose model `tracking.register_as` registers), if any."""
+        return next((p.name for p in reversed(self.phases) if p.kind == "train"), None)
+
     def phase_model(self, phase: PhaseConfig) -> ModelConfig:
         """The phase's own model, else (an evaluate phase) the model of the phase it scores, else the
         pipeline's."""

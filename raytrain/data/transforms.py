@@ -101,6 +101,7 @@ class DynamicMix:
                 f"dynamic_mix: gain_db must be (low, high) with low <= high, got {tuple(gain_db)}"
             )
         self.num_speakers = num_speakers
+        self.few_speaker_batches = 0  # batches with fewer speakers than a mixture needs (warned about once)
         self.num_samples = _num_samples(crop_seconds, sample_rate)
         self.gain_db = (low, high)
         self.sample_rate = sample_rate
@@ -124,8 +125,8 @@ class DynamicMix:
         rows[:, 0] = np.arange(n)
         if len(names) < s:
             self._few_speakers(len(names), n)
+        k = min(s - 1, len(names) - 1)  # other speakers per mixture, one utterance each
         for i in range(n):
-            k = min(s - 1, len(names) - 1)  # other speakers, one utterance each
             others = rng.choice(len(names) - 1, size=k, replace=False)
             others = others + (others >= codes[i])  # skip row i's own speaker code
             for j, c in enumerate(others, start=1):
@@ -152,7 +153,7 @@ class DynamicMix:
     def _few_speakers(self, speakers: int, rows: int) -> None:
         """A batch with fewer speakers than a mixture needs (chance, with few speakers and small batches):
         its mixtures repeat a speaker. Said once per worker; failing would end a run by chance."""
-        self.few_speaker_batches = getattr(self, "few_speaker_batches", 0) + 1
+        self.few_speaker_batches += 1
         if self.few_speaker_batches == 1:
             log.warning("dynamic_mix: a batch of %d rows holds %d speaker(s), fewer than the %d a mixture needs; "
                         "its mixtures repeat a speaker (a larger batch_size or shuffle_buffer makes this rarer)",

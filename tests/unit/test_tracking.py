@@ -134,22 +134,20 @@ def test_a_sweep_of_the_final_phase_registers_only_its_best_finished_trial(store
     sweep = Sweep(cfg, SweepConfig.model_validate({**sweep_of, "phase": "b"}), sweep_dir=tmp_path / "sweep")
     trial_cfg = with_values(cfg, {"phases.b.optim.lr": 3e-3, **TRIAL_TRACKING})
     assert trial_cfg.tracking.register_as is None  # what a trial runs with: it logs its model, registers none
-    uris = {}
-    for tid in ("t1", "t2"):  # two trials of b, logged as a trial logs them
+    rows = {}
+    for tid in ("t1", "t2"):  # two trials of b, logged as a trial logs them; their rows as the sweep collects them
         entry = {"best_checkpoint": str(store["weights"]), "steps": 4}
         log_phase_model(sweep.tracker, trial_cfg, trial_cfg.phase("b"), entry, sweep.tracker.start(f"trial {tid}"))
         assert "mlflow_registered_model" not in entry
-        uris[tid] = entry["mlflow_model_uri"]
-        (tmp_path / "sweep" / "trials" / tid).mkdir(parents=True)
-        (tmp_path / "sweep" / "trials" / tid / "summary.json").write_text(json.dumps({"phases": {"b": entry}}))
+        rows[tid] = {"trial": tid, "status": "finished", "mlflow_model_uri": entry["mlflow_model_uri"]}
     assert sweep.tracker.client.search_model_versions("name='unit_sep'") == []
-    sweep.state["best_finished"] = {"trial": "t2", "dir": str(tmp_path / "sweep" / "trials" / "t2")}
+    sweep.state["best_finished"] = rows["t2"]
     assert sweep.register_best() == {"name": "unit_sep", "version": "1", "trial": "t2"}
     assert sweep.register_best() == {"name": "unit_sep", "version": "1", "trial": "t2"}  # a resumed sweep: once
     (version,) = sweep.tracker.client.search_model_versions("name='unit_sep'")
-    assert version.source == uris["t2"]
+    assert version.source == rows["t2"]["mlflow_model_uri"]
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["registered_model"]["trial"] == "t2"
     earlier = Sweep(cfg, SweepConfig.model_validate({**sweep_of, "phase": "a", "params": {
         "phases.a.optim.lr": {"choice": [1e-3, 3e-3]}}}), sweep_dir=tmp_path / "sweep_a")
-    earlier.state["best_finished"] = {"trial": "t1", "dir": str(tmp_path / "sweep" / "trials" / "t1")}
+    earlier.state["best_finished"] = rows["t1"]
     assert earlier.register_best() is None  # not the final phase: the run that continues from it registers
