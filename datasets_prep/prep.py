@@ -74,10 +74,25 @@ class EspeakGenerator(_Strict):
     # A word-list file (e.g. /usr/share/dict/words) instead of the 497 shipped words, and how many to draw.
     words: str | None = None
     vocabulary_size: int | None = Field(default=None, ge=20)
+    # Voice pool and sentence length (None: espeak.PITCHES, espeak.SPEEDS, 4-10 words).
+    pitches: list[int] | None = Field(default=None, min_length=1)  # espeak -p values, 0-99
+    speeds: list[int] | None = Field(default=None, min_length=1)  # espeak -s values, words per minute
+    train_words: tuple[int, int] | None = None  # (min, max) words of a train sentence
+    # asr: how many of the train voices read dev/ and test/ (None: all), and the size of test_heldout/:
+    # the test sentences read by voices whose timbres no train voice uses (None: no such split).
+    eval_voices: int | None = Field(default=None, ge=1)
+    heldout_voices: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _enough_sentences(self) -> EspeakGenerator:
+        if self.pitches and not all(0 <= p <= 99 for p in self.pitches):
+            raise ValueError(f"pitches={self.pitches}: espeak-ng pitches are 0-99")
+        if self.train_words and not 1 <= self.train_words[0] <= self.train_words[1]:
+            raise ValueError(f"train_words={list(self.train_words)}: give [min, max] with 1 <= min <= max")
         if self.layout == "asr":
+            if self.eval_voices and self.eval_voices > self.train_voices:
+                raise ValueError(f"eval_voices={self.eval_voices} exceeds train_voices ({self.train_voices}): dev and "
+                                 "test are read by train voices")
             if self.utterances_per_voice > self.train_sentences:
                 raise ValueError(f"utterances_per_voice={self.utterances_per_voice} exceeds train_sentences "
                                  f"({self.train_sentences}): each voice reads distinct sentences")
@@ -320,13 +335,14 @@ def _run_generator(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, dict
     assert g is not None and m is not None and sr is not None and cfg.raw_dir is not None
     raw_dir = _resolve(root, cfg.raw_dir)
     train_voices, dev_voices = split_voices(g.train_voices, g.dev_voices, g.seed, g.dev_variant_fraction,
-                                            bases=g.language)
+                                            bases=g.language, pitches=g.pitches, speeds=g.speeds)
     train_slice, dev_slice = vocab_split(g.dev_vocab_fraction)
     vocab = vocabulary(g.words, g.vocabulary_size)
+    lengths = dict(zip(("min_words", "max_words"), g.train_words, strict=True)) if g.train_words else {}
     base = {"name": cfg.name, "sample_rate": sr, "rows_per_shard": cfg.rows_per_shard,
             "source": g.model_dump(mode="json", exclude={"workers"}, exclude_none=True)}
     plans = [
-        ("train", train_voices, make_sentences(g.train_sentences, g.seed, train_slice, vocab=vocab)),
+        ("train", train_voices, make_sentences(g.train_sentences, g.seed, train_slice, vocab=vocab, **lengths)),
         ("dev_speech", dev_voices, make_sentences(g.dev_sentences, g.seed, dev_slice, vocab=vocab)),
     ]
     splits: dict[str, dict] = {}
@@ -374,27 +390,36 @@ def _write_test_tsv(raw: Path, tsv: Path) -> None:
 
 
 def _run_generator_asr(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, dict]:
-    """The ``layout: asr`` corpus: train/, dev/ (speaker folders) and test/ (via ``<raw_dir>/test.tsv``)."""
+    """The ``layout: asr`` corpus: train/, dev/ (speaker folders), test/ (via ``<raw_dir>/test.tsv``) and,
+    with ``heldout_voices``, test_heldout/: test/'s sentences read by voices of timbres train never heard."""
     g, sr = cfg.generator, cfg.sample_rate
     assert g is not None and sr is not None and cfg.raw_dir is not None
     raw_dir = _resolve(root, cfg.raw_dir)
-    voices, _ = split_voices(g.train_voices, 1, g.seed, g.dev_variant_fraction, bases=g.language)
+    voices, heldout = split_voices(g.train_voices, g.heldout_voices or 1, g.seed, g.dev_variant_fraction,
+                                   bases=g.language, pitches=g.pitches, speeds=g.speeds)
+    eval_voices = voices[:g.eval_voices] if g.eval_voices else voices
     f, vocab = g.dev_vocab_fraction, vocabulary(g.words, g.vocabulary_size)
+    lengths = dict(zip(("min_words", "max_words"), g.train_words, strict=True)) if g.train_words else {}
     base = {"name": cfg.name, "sample_rate": sr, "rows_per_shard": cfg.rows_per_shard,
             "source": g.model_dump(mode="json", exclude={"workers"}, exclude_none=True)}
-    plans = [(split, per_voice, make_sentences(n, g.seed, span, vocab=vocab)) for split, per_voice, n, span in (
-        ("train", g.utterances_per_voice, g.train_sentences, (0.0, 1.0 - f)),
-        ("dev", g.eval_utterances_per_voice, g.dev_sentences, (1.0 - f, 1.0 - f / 2)),
-        ("test", g.eval_utterances_per_voice, g.test_sentences, (1.0 - f / 2, 1.0)))]
+    test_sentences = make_sentences(g.test_sentences, g.seed, (1.0 - f / 2, 1.0), vocab=vocab)
+    plans = [
+        ("train", voices, g.utterances_per_voice,
+         make_sentences(g.train_sentences, g.seed, (0.0, 1.0 - f), vocab=vocab, **lengths)),
+        ("dev", eval_voices, g.eval_utterances_per_voice,
+         make_sentences(g.dev_sentences, g.seed, (1.0 - f, 1.0 - f / 2), vocab=vocab)),
+        ("test", eval_voices, g.eval_utterances_per_voice, test_sentences)]
+    if g.heldout_voices:
+        plans.append(("test_heldout", heldout, g.eval_utterances_per_voice, test_sentences))
     splits: dict[str, dict] = {}
-    for split, per_voice, sentences in plans:
+    for split, split_voices_, per_voice, sentences in plans:
         t0 = time.perf_counter()
         out, prep = out_dir / split, {**base, "split": split}
         if split == "test":
             prep["format"] = "tsv"
         status = "up to date"
         if not _up_to_date(out, {**prep, "steps": _described(cfg), "audio_format": cfg.audio_format}):
-            generate_corpus(raw_dir / split, voices, per_voice, sentences, sr, g.seed, workers=g.workers,
+            generate_corpus(raw_dir / split, split_voices_, per_voice, sentences, sr, g.seed, workers=g.workers,
                             phonemes=g.phonemes)
             if split == "test":
                 _write_test_tsv(raw_dir / split, raw_dir / "test.tsv")

@@ -73,13 +73,19 @@ class VoiceSpec:
         return ["-v", f"{self.base}+{self.variant}", "-p", str(self.pitch), "-s", str(self.speed)]
 
 
-def voice_pool(bases: tuple[str, ...] | list[str] | None = None) -> list[VoiceSpec]:
+Ints = tuple[int, ...] | list[int]
+
+
+def voice_pool(bases: tuple[str, ...] | list[str] | None = None, pitches: Ints | None = None,
+               speeds: Ints | None = None) -> list[VoiceSpec]:
     """All speaker specs, in a fixed order (8 English accents x 37 timbres x 2 pitches x 2 speeds = 1184).
 
     ``bases``: other espeak-ng languages/accents instead (``espeak-ng --voices`` lists them, e.g.
-    ``fr``, ``de``, ``es``, ``cmn``); every timbre variant applies to any language.
+    ``fr``, ``de``, ``es``, ``cmn``); every timbre variant applies to any language. ``pitches`` (espeak
+    ``-p``, 0-99) and ``speeds`` (``-s``, words per minute) widen or narrow the pool.
     """
-    return [VoiceSpec(b, v, p, s) for b in (bases or BASES) for v in VARIANTS for p in PITCHES for s in SPEEDS]
+    return [VoiceSpec(b, v, p, s) for b in (bases or BASES) for v in VARIANTS for p in (pitches or PITCHES)
+            for s in (speeds or SPEEDS)]
 
 
 def _spread(items: list[VoiceSpec], key) -> list[VoiceSpec]:
@@ -101,7 +107,8 @@ def _diverse(pool: list[VoiceSpec], rng: random.Random) -> list[VoiceSpec]:
 
 
 def split_voices(n_train: int, n_dev: int, seed: int, dev_variant_fraction: float = 0.2,
-                 bases: tuple[str, ...] | list[str] | None = None) -> tuple[list[VoiceSpec], list[VoiceSpec]]:
+                 bases: tuple[str, ...] | list[str] | None = None, pitches: Ints | None = None,
+                 speeds: Ints | None = None) -> tuple[list[VoiceSpec], list[VoiceSpec]]:
     """(train, dev) speakers; dev speakers use timbres (variants) that no train speaker uses.
 
     About ``dev_variant_fraction`` of the variants of each gender are held out for dev.
@@ -113,7 +120,7 @@ def split_voices(n_train: int, n_dev: int, seed: int, dev_variant_fraction: floa
         names = sorted(v for v, gv in VARIANTS.items() if gv == g)
         rng.shuffle(names)
         held.update(names[: max(1, round(dev_variant_fraction * len(names)))])
-    pool = voice_pool(bases)
+    pool = voice_pool(bases, pitches, speeds)
     train_pool = [v for v in pool if v.variant not in held]
     dev_pool = [v for v in pool if v.variant in held]
     if n_train > len(train_pool) or n_dev > len(dev_pool):

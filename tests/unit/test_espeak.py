@@ -43,6 +43,15 @@ def test_dev_voices_use_held_out_variants():
         split_voices(5000, 8, seed=0)
 
 
+def test_pitches_and_speeds_widen_the_pool_without_changing_the_default_split():
+    assert len(voice_pool(pitches=[35, 50, 65], speeds=[140, 165, 190])) == len(voice_pool()) * 9 // 4
+    train, held = split_voices(320, 24, seed=0, pitches=[35, 50, 65], speeds=[140, 165, 190])
+    assert {v.pitch for v in train} == {35, 50, 65} and {v.speed for v in train} == {140, 165, 190}
+    assert not {v.variant for v in train} & {v.variant for v in held}
+    assert len({(v.variant, v.base) for v in train[:232]}) == 232  # every timbre x accent before a repeat
+    assert split_voices(56, 8, seed=0) == split_voices(56, 8, seed=0, pitches=[40, 60], speeds=[150, 175])
+
+
 def test_dev_sentence_words_never_in_train():
     tr_slice, dev_slice = vocab_split(0.2)
     train = make_sentences(600, seed=0, vocab_slice=tr_slice)

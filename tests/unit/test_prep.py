@@ -160,14 +160,20 @@ def test_asr_layout_checks_sentence_pools(tmp_path):
 
 def test_asr_layout_writes_train_dev_and_a_tsv_test_set_of_unseen_words(tmp_path):
     asr = CONFIG.parent / "streaming_asr_tiny.yaml"
-    small = {"generator.train_voices": 2, "generator.train_sentences": 6, "generator.utterances_per_voice": 3,
+    small = {"generator.train_voices": 3, "generator.train_sentences": 6, "generator.utterances_per_voice": 3,
              "generator.dev_sentences": 2, "generator.test_sentences": 2, "generator.eval_utterances_per_voice": 2,
-             "workers": 0, "sample_rate": 8000}
+             "generator.eval_voices": 2, "generator.heldout_voices": 2, "workers": 0, "sample_rate": 8000}
     out = run_prep(asr, overrides=small, root=tmp_path)
     base = Path(out["output_dir"])
-    train, dev, test = (read_manifest(base / s) for s in ("train", "dev", "test"))
-    assert (train["rows"], dev["rows"], test["rows"]) == (6, 4, 4)
-    assert set(train["speaker_hours"]) == set(dev["speaker_hours"]) == set(test["speaker_hours"])  # same voices
+    train, dev, test, heldout = (read_manifest(base / s) for s in ("train", "dev", "test", "test_heldout"))
+    assert (train["rows"], dev["rows"], test["rows"], heldout["rows"]) == (9, 4, 4, 4)
+    assert set(dev["speaker_hours"]) == set(test["speaker_hours"]) < set(train["speaker_hours"])  # 2 of the 3
+
+    def timbre(speaker: str) -> str:  # "en-us+f5_p60_s150" -> "f5"
+        return speaker.split("+")[1].split("_")[0]
+
+    # test_heldout: voices whose timbres no train voice has, reading test's sentences
+    assert not {timbre(s) for s in heldout["speaker_hours"]} & {timbre(s) for s in train["speaker_hours"]}
     assert test["prep"]["format"] == "tsv"
     tsv = (tmp_path / "data/raw/espeak_asr_tiny/test.tsv").read_text().splitlines()
     assert tsv[0].split("\t") == ["id", "audio", "n_frames", "tgt_text", "speaker", "phonemes"] and len(tsv) == 5
@@ -179,5 +185,6 @@ def test_asr_layout_writes_train_dev_and_a_tsv_test_set_of_unseen_words(tmp_path
 
     assert words("train") and not words("train") & (words("dev") | words("test"))  # held-out words only
     assert not words("dev") & words("test")
+    assert words("test_heldout") == words("test")  # the same two test sentences, read by other voices
     row = pq.read_table(shard_paths(base / "test", test)[0]).to_pylist()[0]
     assert row["phonemes"] and row["text"]
