@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datasets_prep.faults import pause_point
 from datasets_prep.shards import (
     AUDIO_FORMATS,
     CREATED_BY,
@@ -127,6 +128,7 @@ def _read_columns(data: bytes) -> dict[str, str]:
 
 def write_chunk(out_dir: Path, i: int, items: list[dict[str, Any]], key: str, **kw: Any) -> dict[str, Any]:
     """Process chunk ``i`` and write its shard and record atomically; returns the record."""
+    pause_point("shard", i, out_dir)
     rows, rejects = process_chunk(items, **kw)
     audio_columns = kw["audio_columns"]
     record: dict[str, Any] = {"key": key, "index": i, "items": len(items), "rows": len(rows), "rejects": rejects,

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from datasets_prep.faults import pause_point
 from raytrain.checkpoints import atomic_write_text
 from raytrain.config.loader import ConfigError, load_config, set_values, with_values
 from raytrain.config.schema import PipelineConfig
@@ -112,6 +113,7 @@ class Trial:
         run_dir.mkdir(parents=True, exist_ok=True)
         with (run_dir / "starts.log").open("a") as f:  # one line per start of training
             f.write(f"{time.time():.3f}\n")
+        pause_point("trial", len(list(run_dir.parent.glob("*/starts.log"))), Path(self.sweep_dir))
         runner = PipelineRunner(pipe, run_dir=run_dir, progress=False, report_evals=True,
                                 train_callbacks=[TuneReportCallback()])
         runner.summary["phases"].update({k: v for k, v in self.base.items() if k not in runner.summary["phases"]})

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from datasets_prep import faults
 from datasets_prep.execute import prep_corpus
 
 from .conftest import crash
@@ -20,6 +21,7 @@ from .conftest import crash
 pytestmark = pytest.mark.integration
 SR = 16000
 STEPS = ["vad_trim", "normalize", "features"]
+PAUSE_SHARD = 4  # of 25
 
 
 def _corpus(root: Path, speakers: int = 4, per_speaker: int = 12) -> Path:
@@ -49,14 +51,17 @@ def test_killed_prep_resumes_to_the_same_manifest(tmp_path: Path, ray_local: obj
     assert reference["rejects"]["count"] == 1 and len(reference["shards"]) == 25
 
     out = tmp_path / "out"
-    proc = subprocess.Popen(_prep_cmd(raw, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if list(out.glob(".shard-*.json")):
-            break
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env[faults.ENV] = f"shard={PAUSE_SHARD}"  # never written in this run: it cannot end before it is killed
+    log = tmp_path / "prep.log"
+    proc = subprocess.Popen(_prep_cmd(raw, out), stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True, env=env)
+    marker, deadline = faults.marker_path("shard", PAUSE_SHARD, out), time.monotonic() + 240
+    while not (marker.exists() and list(out.glob(".shard-*.json"))):  # the other worker goes on
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            f"prep did not pause at shard {PAUSE_SHARD} with a shard done (exit code {proc.poll()}):\n"
+            + log.read_text()[-3000:])
         time.sleep(0.05)
-    assert proc.poll() is None, f"prep ended before it could be killed:\n{proc.stdout.read().decode()[-3000:]}"
     crash(proc)
     done = len(list(out.glob(".shard-*.json")))
     assert 0 < done < 25 and not (out / "_manifest.json").exists()

@@ -10,14 +10,19 @@ import pytest
 import torch
 import yaml
 
+from datasets_prep import faults
 from raytrain.checkpoints import load_weights
 
 from .conftest import crash, pipeline_dict, raytrain_cli, registered_checkpoints
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+# The second checkpoint (every 6 steps): paused there, a run has two registered checkpoints only once this
+# step's is one of them, so the resumed run starts at exactly this step.
+PAUSE_STEP = 12
 
 
-def test_resume_after_killing_the_driver_matches_an_uninterrupted_run(corpus: Path, tmp_path: Path) -> None:
+def test_resume_after_killing_the_driver_matches_an_uninterrupted_run(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     raw = pipeline_dict(corpus, tmp_path / "runs")
     raw["phases"] = [{"name": "a", "max_steps": 24, "eval_every": 12, "checkpoint_every": 6}]
     cfg = tmp_path / "p.yaml"
@@ -27,18 +32,20 @@ def test_resume_after_killing_the_driver_matches_an_uninterrupted_run(corpus: Pa
     assert full.wait(timeout=400) == 0, (tmp_path / "full.log").read_text()[-3000:]
 
     cut_dir = tmp_path / "cut"
+    monkeypatch.setenv(faults.ENV, f"step={PAUSE_STEP}")  # the run stops at the step: no race to kill it
     cut = raytrain_cli("run", str(cfg), "--run-dir", str(cut_dir), log=tmp_path / "cut.log")
-    deadline = time.time() + 400
-    while len(registered_checkpoints(cut_dir / "a")) < 2 and cut.poll() is None and time.time() < deadline:
+    marker, deadline = faults.marker_path("step", PAUSE_STEP, cut_dir / "a"), time.monotonic() + 400
+    while not (marker.exists() and len(registered_checkpoints(cut_dir / "a")) >= 2):
+        assert cut.poll() is None and time.monotonic() < deadline, (
+            f"no pause at step {PAUSE_STEP} with 2 registered checkpoints (exit code {cut.poll()}):\n"
+            + (tmp_path / "cut.log").read_text()[-3000:])
         time.sleep(0.2)
-    assert cut.poll() is None, "the run ended before it could be killed mid-phase"
-    assert len(registered_checkpoints(cut_dir / "a")) >= 2
     crash(cut)
     assert json.loads((cut_dir / "summary.json").read_text())["phases"]["a"]["status"] == "running"
 
     resumed = raytrain_cli("run", str(cfg), "--resume", "--run-dir", str(cut_dir), log=tmp_path / "resume.log")
     assert resumed.wait(timeout=400) == 0, (tmp_path / "resume.log").read_text()[-3000:]
-    assert "resumed phase 'a' at step" in (tmp_path / "resume.log").read_text()
+    assert f"resumed phase 'a' at step {PAUSE_STEP}" in (tmp_path / "resume.log").read_text()
 
     s_full = json.loads((tmp_path / "full" / "summary.json").read_text())["phases"]["a"]
     s_cut = json.loads((cut_dir / "summary.json").read_text())["phases"]["a"]

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from datasets_prep import faults
+
 from .conftest import checkpoints_of, crash, pipeline_dict, raytrain_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -31,7 +33,7 @@ def _started_trials(sweep_dir: Path) -> list[Path]:
 
 
 def test_sweep_runs_phase_a_once_resumes_without_rerunning_trials_and_continues_from_the_best(
-        corpus: Path, tmp_path: Path) -> None:
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
     raw = pipeline_dict(corpus, tmp_path / "runs")
@@ -45,12 +47,15 @@ def test_sweep_runs_phase_a_once_resumes_without_rerunning_trials_and_continues_
     sweep_dir = tmp_path / "sweep"
     args = ["tune", str(tmp_path / "p.yaml"), "--sweep", str(tmp_path / "s.yaml"), "--sweep-dir", str(sweep_dir)]
 
+    monkeypatch.setenv(faults.ENV, "trial=3")  # the third trial stops as it starts: no race to kill the sweep
     first = raytrain_cli(*args, log=tmp_path / "first.log")
-    deadline = time.time() + 500
-    while len(_started_trials(sweep_dir)) < 3 and first.poll() is None and time.time() < deadline:
+    marker, deadline = faults.marker_path("trial", 3, sweep_dir), time.monotonic() + 500
+    while not marker.exists():
+        assert first.poll() is None and time.monotonic() < deadline, (
+            f"the third trial did not pause (exit code {first.poll()}):\n" + (tmp_path / "first.log").read_text()[-3000:])
         time.sleep(0.2)
-    assert first.poll() is None, "the sweep ended before it could be killed: " + (tmp_path / "first.log").read_text()[-3000:]
     done_before = _started_trials(sweep_dir)[:2]  # ended (finished or stopped by ASHA): the third has started
+    assert len(_started_trials(sweep_dir)) == 3
     crash(first)
     assert json.loads((sweep_dir / "sweep.json").read_text())["status"] == "running"
 
