@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import pickle
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +48,26 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             os.unlink(tmp)
 
 
+def load_data(path: str | Path) -> Any:
+    """A checkpoint file as data: tensors, numbers, strings, lists, tuples and dicts only
+    (`torch.load(weights_only=True)`), so a file from anywhere cannot run code when it is read.
+    Anything else in it (a pickled class, a function, a numpy array) is refused, naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).split("\n")[0][:300]
+        raise CheckpointError(
+            f"{path}: refused: it holds Python objects beyond tensors and plain types, and raytrain loads "
+            "checkpoints as data only (nothing in them is run). If you trust its source, re-save its weights "
+            "as a plain state dict (torch.save(model.state_dict(), 'model.pt')) and load that. "
+            f"torch said: {detail}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or another format?): "
+                              f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,10 +100,10 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
             f"checkpoint {p} does not exist. Give init_from a phase that has finished, or an existing "
             "model.pt/state.pt path (see summary.json of the earlier run)."
         )
-    obj = torch.load(p, map_location="cpu", weights_only=False)
+    obj = load_data(p)
     state = obj["model"] if isinstance(obj, dict) and "model" in obj else obj
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{p}: not a state dict checkpoint")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{p}: not a state dict checkpoint (a mapping of parameter names to tensors)")
     return strip_ddp(state)
 
 

@@ -18,7 +18,14 @@ import torch
 import yaml
 
 from datasets_prep.storage import download_file, exists, join, list_dirs, read_bytes, upload_file, write_bytes
-from raytrain.checkpoints import STATE_FILE, WEIGHTS_FILE, atomic_torch_save, atomic_write_text, plan_load
+from raytrain.checkpoints import (
+    STATE_FILE,
+    WEIGHTS_FILE,
+    atomic_torch_save,
+    atomic_write_text,
+    load_data,
+    plan_load,
+)
 from raytrain.config.loader import ConfigError
 from raytrain.config.schema import PhaseConfig, PipelineConfig
 from raytrain.data.datasets import resolve
@@ -293,7 +300,7 @@ class PipelineRunner:
             best = pick(result.best_checkpoints, key=lambda cm: cm[1].get("score", 0.0))[0]
         for label, ckpt in (("last", last), ("best", best)):
             with ckpt.as_directory() as d:
-                state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+                state = load_data(Path(d) / STATE_FILE)
             atomic_torch_save(state["model"], phase_dir / label / WEIGHTS_FILE)
             entry[f"{label}_checkpoint"] = str(phase_dir / label / WEIGHTS_FILE)
             if self.storage_dir:

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from raytrain.checkpoints import STATE_FILE, apply_freeze, load_into, load_weights
+from datasets_prep.faults import pause_point
+from raytrain.checkpoints import STATE_FILE, apply_freeze, load_data, load_into, load_weights
 from raytrain.config.schema import InitFromConfig, PhaseConfig, PipelineConfig
 from raytrain.data.stream import BatchStream, build_transforms, eval_batches
 from raytrain.losses import LOSSES
@@ -78,15 +79,22 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain types, so a checkpoint loads with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    version, internal, gauss = random.getstate()
+    state = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+             "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(x) for x in internal.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -189,7 +197,7 @@ class PhaseRunner:
         self.last_eval: dict[str, float] = {}
         if ckpt is not None:
             with ckpt.as_directory() as d:
-                state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+                state = load_data(Path(d) / STATE_FILE)
             model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
@@ -437,7 +445,8 @@ class PhaseRunner:
         bad_in_row, metrics = 0, {}
         warm_step, t_warm = start_step + max(1, min(10, (phase.max_steps - start_step) // 5)), None
         wait_at_warm, self.data_wait_s = 0.0, 0.0
-        fail_marker = Path(self.cfg["phase_dir"]) / ".fail_at_step.done"
+        phase_dir = Path(self.cfg["phase_dir"])
+        fail_marker = phase_dir / ".fail_at_step.done"
         while self.step < phase.max_steps:
             out = self.train_step()
             if out is None:
@@ -484,4 +493,6 @@ class PhaseRunner:
                 fail_marker.touch()
                 self._emit("log", message=f"fail_at_step={step}: rank 0 exits now (fault-injection test)")
                 os._exit(1)
+            if self.rank == 0:
+                pause_point("step", step, phase_dir)
 
