@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 
-.PHONY: demo test test-fast lint sysdeps venv bench clean
+.PHONY: demo test test-fast lint sysdeps venv bench bench-recipes clean
 
 sysdeps:  ## Debian packages the corpus generator and tests need (espeak-ng; wamerican: /usr/share/dict/words)
 	@if ! command -v espeak-ng >/dev/null 2>&1 || [ ! -f /usr/share/dict/words ]; then \
@@ -27,7 +27,7 @@ demo: sysdeps venv  ## prepare a tiny corpus and run separation_tiny.yaml on loc
 	$(VENV)/bin/raytrain demo
 
 test: sysdeps venv  ## the whole suite (unit + integration on local Ray)
-	$(PY) -m pytest tests -q -rs --durations=15
+	$(PY) -m pytest tests -q -rs --durations=25
 
 test-fast: sysdeps venv  ## unit tests only (no Ray)
 	$(PY) -m pytest tests/unit -q
@@ -38,6 +38,9 @@ lint: venv
 
 bench: venv
 	$(PY) bench/overhead.py
+
+bench-recipes: sysdeps venv  ## train every tiny recipe to its quality bars (tens of minutes on 2 cores)
+	$(PY) bench/recipes.py --all
 
 clean:
 	rm -rf runs data out .pytest_cache

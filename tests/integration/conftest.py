@@ -24,6 +24,14 @@ TINY_MODEL = {"name": "convtasnet", "args": {
     "msk_num_feats": 16, "msk_num_hidden_feats": 32, "msk_num_layers": 2, "msk_num_stacks": 1}}
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test here starts Ray (or a server, or a cluster): `-m "not integration"` must leave it out."""
+    here = Path(__file__).parent
+    unmarked = [i.nodeid for i in items if here in Path(str(i.path)).parents and i.get_closest_marker("integration") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests under {here.name}/ need the `integration` mark (pytestmark): {unmarked}")
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/ (speech, 6 voices), dev/ (8 fixed mixtures of 2 held-out voices) at 8 kHz."""
@@ -53,6 +61,39 @@ def ray_local() -> Any:
     ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")  # dashboard: State API for Train
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def recipe_data(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """`recipe_data(name)`: a folder with raw/ and shards/ of the tiny recipe's own prep config, shrunk
+    (tests/integration/_recipes.py), prepared once per session."""
+    from ._recipes import prepare
+
+    roots: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in roots:
+            roots[name] = tmp_path_factory.mktemp(name)
+            prepare(name, roots[name])
+        return roots[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def recipe_run(recipe_data: Any, ray_local: Any) -> Any:
+    """`recipe_run(name)`: the tiny recipe run cut short on `recipe_data(name)`, once per session, shared by
+    the tests that inspect it (test_recipes.py for every recipe, the recipe's own test module)."""
+    from ._recipes import run_recipe
+
+    runs: dict[str, dict[str, Any]] = {}
+
+    def get(name: str) -> dict[str, Any]:
+        if name not in runs:
+            runs[name] = run_recipe(name, recipe_data(name))
+        return runs[name]
+
+    return get
 
 
 def pipeline_dict(corpus: Path, runs: Path, **phase_b: Any) -> dict[str, Any]:

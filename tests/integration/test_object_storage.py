@@ -24,6 +24,8 @@ import yaml
 
 from .conftest import crash, pipeline_dict, raytrain_cli
 
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
 BUCKET = "raytrain-it"
 
 
@@ -79,7 +81,6 @@ def _snapshot_checkpoints(phase_uri: str) -> list[str]:
     return [c["checkpoint_dir_name"] for c in snap["checkpoint_results"]]
 
 
-@pytest.mark.timeout(900)
 def test_shards_and_checkpoints_in_s3_and_resume_from_the_bucket(s3: str, tmp_path: Path) -> None:
     from datasets_prep.prep import run_prep
     from datasets_prep.shards import read_manifest, shard_paths

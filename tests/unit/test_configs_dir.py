@@ -26,10 +26,27 @@ def test_prep_configs_validate(path: Path) -> None:
     assert load_prep_config(path).name
 
 
-def test_every_pipeline_has_a_tiny_variant_and_a_test_runs_it() -> None:
+def test_every_pipeline_has_a_tiny_variant_that_the_recipe_test_runs_and_the_bench_scores() -> None:
+    from bench.recipes import BARS
+    from tests.integration._recipes import RECIPES
+
     pipelines = {p.stem for p in (CONFIGS / "pipelines").glob("*.yaml")}
     for name in pipelines - {n for n in pipelines if n.endswith("_tiny")}:
         assert f"{name}_tiny" in pipelines, f"{name}.yaml has no {name}_tiny.yaml"
-    tests = "".join(p.read_text() for p in (CONFIGS.parent / "tests/integration").glob("test_*.py"))
-    for name in (n for n in pipelines if n.endswith("_tiny")):
-        assert f"{name}.yaml" in tests, f"no integration test runs configs/pipelines/{name}.yaml"
+    tiny = {n for n in pipelines if n.endswith("_tiny")}
+    assert tiny == set(RECIPES), "tests/integration/test_recipes.py RECIPES must name every *_tiny.yaml"
+    assert tiny == set(BARS), "bench/recipes.py BARS must name every *_tiny.yaml"
+    for name in tiny:
+        assert (CONFIGS / "prep" / f"{name}.yaml").is_file(), f"{name}.yaml has no configs/prep/{name}.yaml"
+
+
+def test_the_bench_bars_are_the_gates_of_the_committed_tiny_configs() -> None:
+    """A recipe's run stops at the bar `bench/recipes.py` scores it by, so a user sees the same verdict."""
+    from bench.recipes import BARS
+
+    for name, bars in BARS.items():
+        cfg = load_config(CONFIGS / "pipelines" / f"{name}.yaml")
+        for bar in bars:
+            phase = cfg.phase(bar.phase)
+            assert bar.metric.removeprefix("eval/") in phase.metrics, (name, bar)
+            assert [(g.metric, g.min, g.max) for g in phase.gates] == [(bar.metric, bar.min, bar.max)], (name, bar)

@@ -1,0 +1,89 @@
+"""The tiny recipes with their data shrunk and their steps cut, run once per test session and shared by
+test_recipes.py (every phase of every recipe) and the recipe-specific tests (test_streaming_asr.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from datasets_prep.prep import run_prep
+from raytrain.config import load_config
+from raytrain.pipeline import PipelineRunner
+
+ROOT = Path(__file__).resolve().parents[2]
+ASR_TINY_MODEL = {"d_model": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 2, "n_mels": 40}
+
+# Per recipe: prep overrides that shrink its corpus, pipeline overrides beyond the cut steps (a smaller
+# model, a gate the cut run cannot be held to), and the steps every train phase is cut to.
+RECIPES: dict[str, dict[str, Any]] = {
+    "separation_tiny": {
+        "prep": {"generator.train_voices": 6, "generator.dev_voices": 2, "generator.train_sentences": 24,
+                 "generator.dev_sentences": 8, "generator.utterances_per_voice": 4, "dev_mixtures.num": 6,
+                 "dev_mixtures.max_seconds": 1.5, "rows_per_shard": 8, "workers": 0},
+        "overrides": ["model.args.msk_num_layers=2", "model.args.msk_num_stacks=1", "defaults.batch_size=4",
+                      "defaults.shuffle_buffer=16", "phases.long.gates=[{metric: eval/si_sdri, min: -100.0}]"],
+        "steps": 6,
+    },
+    "streaming_asr_tiny": {
+        "prep": {"generator.train_voices": 4, "generator.train_sentences": 24, "generator.utterances_per_voice": 6,
+                 "generator.dev_sentences": 4, "generator.test_sentences": 4, "generator.eval_voices": 3,
+                 "generator.eval_utterances_per_voice": 2, "generator.heldout_voices": 2,
+                 "generator.vocabulary_size": 400, "rows_per_shard": 8, "workers": 0},
+        "overrides": [f"{key}.{k}={v}" for key in ("model.args", "phases.emformer_heads.model.args",
+                                                   "phases.emformer_full.model.args")
+                      for k, v in ASR_TINY_MODEL.items()]
+        + ["defaults.batch_size=4", "defaults.shuffle_buffer=16",
+           "phases.test.gates=[{metric: eval/cer, max: 10.0}]",
+           "phases.test_heldout.gates=[{metric: eval/cer, max: 10.0}]"],
+        "steps": 6,
+    },
+}
+
+
+def yaml_of(recipe: str) -> Path:
+    return ROOT / "configs" / "pipelines" / f"{recipe}.yaml"
+
+
+def prepare(recipe: str, root: Path) -> Path:
+    """The recipe's own prep config, shrunk by its RECIPES overrides, into `root`/raw and `root`/shards."""
+    run_prep(ROOT / "configs" / "prep" / f"{recipe}.yaml",
+             overrides={"raw_dir": str(root / "raw"), "output_dir": str(root / "shards"), **RECIPES[recipe]["prep"]})
+    return root / "shards"
+
+
+def data_overrides(recipe: str, shards: Path) -> list[str]:
+    """Each dataset's shards at the same split name under the test's prepared folder."""
+    return [f"data.{name}.shards={shards / Path(d.shards).name}"
+            for name, d in load_config(yaml_of(recipe)).data.items()]
+
+
+def cut_overrides(recipe: str, steps: int) -> list[str]:
+    """`-o` overrides that cut every train phase to `steps` steps, evaluated at the end, checkpointed
+    halfway and at the end, logged every step."""
+    out = []
+    for phase in load_config(yaml_of(recipe)).phases:
+        if phase.kind == "train":
+            p = f"phases.{phase.name}"
+            out += [f"{p}.max_steps={steps}", f"{p}.eval_every={steps}", f"{p}.checkpoint_every={max(1, steps // 2)}",
+                    f"{p}.log_every=1"]
+            if phase.schedule.warmup_steps:
+                out.append(f"{p}.schedule.warmup_steps=2")
+    return out
+
+
+def base_overrides(recipe: str, root: Path, runs: Path) -> list[str]:
+    """Data prepared under `root`, runs and MLflow under `runs`, the recipe's test-size overrides."""
+    return [*data_overrides(recipe, root / "shards"), f"runs_dir={runs}", f"tracking.uri=sqlite:///{runs / 'mlflow.db'}",
+            *RECIPES[recipe]["overrides"]]
+
+
+def run_recipe(recipe: str, root: Path) -> dict[str, Any]:
+    """Run the recipe, prepared under `root` by `prepare`, cut short; returns what its tests inspect."""
+    shards, runs = root / "shards", root / "runs"
+    spec = RECIPES[recipe]
+    overrides = [*base_overrides(recipe, root, runs), *cut_overrides(recipe, spec["steps"])]
+    cfg = load_config(yaml_of(recipe), overrides)
+    runner = PipelineRunner(cfg, progress=False)
+    summary = runner.run()
+    return {"summary": summary, "run_dir": runner.run_dir, "cfg": cfg, "overrides": overrides, "runs": runs,
+            "root": root, "shards": shards, "steps": spec["steps"]}
