@@ -55,3 +55,37 @@ def test_resume_after_killing_the_driver_matches_an_uninterrupted_run(
     for k in w_full:
         assert torch.equal(w_full[k], w_cut[k]), f"{k} differs after resume"
     assert s_cut["final_metrics"]["eval/si_sdri"] == pytest.approx(s_full["final_metrics"]["eval/si_sdri"], abs=1e-5)
+
+
+def test_resume_and_init_from_refuse_a_checkpoint_whose_pickle_would_run_code(
+        corpus: Path, ray_local: object, tmp_path: Path) -> None:
+    """A hostile state.pt in the run folder (a resumed phase reads it in the worker) and a hostile
+    `init_from: {path: ...}` (read on the driver for the load report): both refused, nothing run."""
+    from raytrain.config import load_config
+    from raytrain.pipeline import PipelineRunner
+    from tests.unit.test_safe_load import hostile
+
+    from .conftest import checkpoints_of
+
+    marker = tmp_path / "code-ran"
+    raw = pipeline_dict(corpus, tmp_path / "runs")
+    raw["phases"] = [{"name": "a", "max_steps": 4, "eval_every": 4, "checkpoint_every": 2}]
+    runner = PipelineRunner(load_config(raw=raw), progress=False)
+    assert runner.run()["status"] == "finished"
+    run_dir = runner.run_dir
+    # As a crash leaves it: the phase still running, its checkpoints on disk; then every one made hostile.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["status"], summary["phases"]["a"]["status"] = "running", "running"
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    states = [c / "state.pt" for c in checkpoints_of(run_dir / "a")]
+    assert states
+    for state in states:
+        hostile(state, marker)
+    with pytest.raises(Exception) as resumed:
+        PipelineRunner(load_config(raw=raw), resume=True, run_dir=run_dir, progress=False).run()
+    assert "state.pt: refused" in str(resumed.value) and not marker.exists()
+
+    raw["phases"] = [{"name": "b", "max_steps": 2, "init_from": {"path": str(hostile(tmp_path / "model.pt", marker))}}]
+    with pytest.raises(Exception, match=r"model\.pt: refused"):
+        PipelineRunner(load_config(raw=raw), progress=False).run()
+    assert not marker.exists()
