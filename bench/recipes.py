@@ -73,7 +73,8 @@ def train(name: str, run_dir: Path) -> tuple[int, float, dict[str, Any]]:
     print("$ " + " ".join(cmd[2:]), flush=True)
     t0 = time.perf_counter()
     with (run_dir.parent / f"{run_dir.name}.log").open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # its progress lines as they come
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
