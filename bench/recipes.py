@@ -86,14 +86,15 @@ def train(name: str, run_dir: Path) -> tuple[int, float, dict[str, Any]]:
     return rc, wall, json.loads(path.read_text()) if path.exists() else {}
 
 
-def score(name: str, rc: int, wall: float, prep_s: float, summary: dict[str, Any]) -> dict[str, Any]:
+def score(name: str, rc: int, wall: float, prep_s: float, summary: dict[str, Any], at: str = "") -> dict[str, Any]:
+    """The recipe's row; `at`: the commit its run started from."""
     phases = summary.get("phases", {})
     bars = []
     for bar in BARS[name]:
         value = phases.get(bar.phase, {}).get("final_metrics", {}).get(bar.metric)
         bars.append({"phase": bar.phase, "metric": bar.metric, "bar": bar.text(), "value": value,
                      "passed": bar.met(value)})
-    return {"recipe": name, "commit": commit(), "status": summary.get("status", "no summary"), "rc": rc,
+    return {"recipe": name, "commit": at or commit(), "status": summary.get("status", "no summary"), "rc": rc,
             "prep_s": round(prep_s, 1), "wall_s": round(wall, 1),
             "phases": [{"name": k, "status": v.get("status"), "steps": v.get("steps"), "wall_s": v.get("wall_s")}
                        for k, v in phases.items()],
@@ -130,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows = []
     for name in names:
+        at = commit()  # the code the run starts from (a change made while it trains is not in it)
         prep_s = prepare(name)
         rc, wall, summary = train(name, (ROOT / args.runs_dir / f"{name}-{stamp}").resolve())
-        rows.append(score(name, rc, wall, prep_s, summary))
+        rows.append(score(name, rc, wall, prep_s, summary, at))
         print_rows(rows[-1:])
     if len(rows) > 1:
         print_rows(rows)
