@@ -83,6 +83,10 @@ class EspeakGenerator(_Strict):
     eval_voices: int | None = Field(default=None, ge=1)
     heldout_voices: int | None = Field(default=None, ge=1)
 
+    def train_lengths(self) -> dict[str, int]:
+        """``make_sentences`` keywords for train sentences (empty: its defaults)."""
+        return dict(zip(("min_words", "max_words"), self.train_words, strict=True)) if self.train_words else {}
+
     @model_validator(mode="after")
     def _enough_sentences(self) -> EspeakGenerator:
         if self.pitches and not all(0 <= p <= 99 for p in self.pitches):
@@ -338,11 +342,10 @@ def _run_generator(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, dict
                                             bases=g.language, pitches=g.pitches, speeds=g.speeds)
     train_slice, dev_slice = vocab_split(g.dev_vocab_fraction)
     vocab = vocabulary(g.words, g.vocabulary_size)
-    lengths = dict(zip(("min_words", "max_words"), g.train_words, strict=True)) if g.train_words else {}
     base = {"name": cfg.name, "sample_rate": sr, "rows_per_shard": cfg.rows_per_shard,
             "source": g.model_dump(mode="json", exclude={"workers"}, exclude_none=True)}
     plans = [
-        ("train", train_voices, make_sentences(g.train_sentences, g.seed, train_slice, vocab=vocab, **lengths)),
+        ("train", train_voices, make_sentences(g.train_sentences, g.seed, train_slice, vocab=vocab, **g.train_lengths())),
         ("dev_speech", dev_voices, make_sentences(g.dev_sentences, g.seed, dev_slice, vocab=vocab)),
     ]
     splits: dict[str, dict] = {}
@@ -399,27 +402,26 @@ def _run_generator_asr(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, 
                                    bases=g.language, pitches=g.pitches, speeds=g.speeds)
     eval_voices = voices[:g.eval_voices] if g.eval_voices else voices
     f, vocab = g.dev_vocab_fraction, vocabulary(g.words, g.vocabulary_size)
-    lengths = dict(zip(("min_words", "max_words"), g.train_words, strict=True)) if g.train_words else {}
     base = {"name": cfg.name, "sample_rate": sr, "rows_per_shard": cfg.rows_per_shard,
             "source": g.model_dump(mode="json", exclude={"workers"}, exclude_none=True)}
     test_sentences = make_sentences(g.test_sentences, g.seed, (1.0 - f / 2, 1.0), vocab=vocab)
     plans = [
         ("train", voices, g.utterances_per_voice,
-         make_sentences(g.train_sentences, g.seed, (0.0, 1.0 - f), vocab=vocab, **lengths)),
+         make_sentences(g.train_sentences, g.seed, (0.0, 1.0 - f), vocab=vocab, **g.train_lengths())),
         ("dev", eval_voices, g.eval_utterances_per_voice,
          make_sentences(g.dev_sentences, g.seed, (1.0 - f, 1.0 - f / 2), vocab=vocab)),
         ("test", eval_voices, g.eval_utterances_per_voice, test_sentences)]
     if g.heldout_voices:
         plans.append(("test_heldout", heldout, g.eval_utterances_per_voice, test_sentences))
     splits: dict[str, dict] = {}
-    for split, split_voices_, per_voice, sentences in plans:
+    for split, speakers, per_voice, sentences in plans:
         t0 = time.perf_counter()
         out, prep = out_dir / split, {**base, "split": split}
         if split == "test":
             prep["format"] = "tsv"
         status = "up to date"
         if not _up_to_date(out, {**prep, "steps": _described(cfg), "audio_format": cfg.audio_format}):
-            generate_corpus(raw_dir / split, split_voices_, per_voice, sentences, sr, g.seed, workers=g.workers,
+            generate_corpus(raw_dir / split, speakers, per_voice, sentences, sr, g.seed, workers=g.workers,
                             phonemes=g.phonemes)
             if split == "test":
                 _write_test_tsv(raw_dir / split, raw_dir / "test.tsv")
