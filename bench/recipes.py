@@ -66,7 +66,7 @@ def prepare(name: str) -> float:
 
 
 def train(name: str, run_dir: Path) -> tuple[int, float, dict[str, Any]]:
-    """`raytrain run` of the committed config, its output streamed to the terminal and `run.log`;
+    """`raytrain run` of the committed config, its output streamed to the terminal and `<run_dir>.log`;
     returns its exit code, wall seconds and summary.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "raytrain.cli", "run", f"configs/pipelines/{name}.yaml", "--run-dir", str(run_dir)]
