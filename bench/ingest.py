@@ -52,11 +52,12 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 from datasets_prep.execute import prepare_items  # noqa: E402
 from datasets_prep.readers.manifests import list_items  # noqa: E402
 from datasets_prep.shards import decode_audio, read_manifest, shard_paths  # noqa: E402
-from raytrain.data.datasets import SPEECH_COLUMNS, open_dataset  # noqa: E402
+from raytrain.data.datasets import open_dataset, read_columns  # noqa: E402
 from raytrain.data.stream import BatchStream, Collate  # noqa: E402
 
 SR = 16000
 SPEAKERS = 20
+TRAIN_COLUMNS = ["audio", "speaker", "text", "phonemes"]  # what an ASR phase reads (with the id)
 
 
 def make_corpus(root: Path, n: int, seed: int = 0) -> None:
@@ -103,7 +104,7 @@ def pyarrow_batches(folder: str, batch_size: int) -> Iterator[dict[str, torch.Te
     import pyarrow.parquet as pq
 
     manifest = read_manifest(folder)
-    columns = [c for c in SPEECH_COLUMNS if c in manifest["columns"]]
+    columns = read_columns(manifest, [c for c in TRAIN_COLUMNS if c in manifest["columns"]])
     fmt = manifest.get("audio_format", "pcm_s16le")
     collate = Collate([], 0)
     carry: dict[str, list[Any]] = {c: [] for c in columns}
@@ -156,7 +157,8 @@ def run_raydata(folder: str, batch_size: int, rows: int, epochs: int, storage: P
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = True  # as raytrain's pipeline sets it
     # a phase's train dataset, streamed: read in passes of several epochs, shards in a seeded order
-    ds, _, spec = open_dataset("train", folder, cache="stream", shuffle_seed=0, passes=True)
+    wanted = [c for c in TRAIN_COLUMNS if c in read_manifest(folder)["columns"]]
+    ds, _, spec = open_dataset("train", folder, cache="stream", shuffle_seed=0, passes=True, columns=wanted)
     t_fit = time.time()
     trainer = TorchTrainer(
         _ray_loop, train_loop_config={"batch_size": batch_size, "rows": rows, "epochs": epochs, "audio": spec},

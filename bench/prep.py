@@ -279,7 +279,7 @@ def main() -> int:
     args = ap.parse_args()
     import ray
 
-    from raytrain.pipeline import ray_init
+    from raytrain.session import ray_init
 
     rows: list[tuple[float, float, float]] = []  # (plain s, raytrain s, ray start-up s), plain = bracket mean
     with tempfile.TemporaryDirectory() as tmp:

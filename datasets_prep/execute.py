@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -33,21 +32,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datasets_prep.columns import derive_columns
 from datasets_prep.faults import pause_point
+from datasets_prep.manifest import build_manifest, manifest_bytes, row_stats, shard_record
 from datasets_prep.shards import (
     AUDIO_FORMATS,
-    CREATED_BY,
     MANIFEST_NAME,
-    SCHEMA_VERSION,
     _atomic_write_bytes,
     encode_audio,
+    parquet_bytes,
     prep_sha256,
 )
 from datasets_prep.steps.audio import Chain
 from datasets_prep.steps.load import Reject, load_item
 
 REJECTS_NAME = "_rejects.parquet"  # "_": not a shard to readers of the folder
-DURATION_BINS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, math.inf)  # seconds, for the manifest histogram
 _KEY_META = b"raytrain.chunk_key"
 
 
@@ -107,16 +106,6 @@ def _table(rows: list[dict[str, Any]], key: str) -> pa.Table:
     return table.replace_schema_metadata({_KEY_META: key.encode()})
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    """A shard's bytes: zstd, one row group, no dictionary or statistics for binary (audio) columns."""
-    sink = pa.BufferOutputStream()
-    binary = [f.name for f in table.schema if pa.types.is_binary(f.type)]
-    pq.write_table(table, sink, compression="zstd", row_group_size=max(1, table.num_rows),
-                   use_dictionary=[c for c in table.column_names if c not in binary],
-                   write_statistics=[c for c in table.column_names if c not in binary])
-    return sink.getvalue().to_pybytes()
-
-
 def _schema_columns(schema: pa.Schema) -> dict[str, str]:
     return {f.name: str(f.type) for f in schema}
 
@@ -131,27 +120,19 @@ def write_chunk(out_dir: Path, i: int, items: list[dict[str, Any]], key: str, **
     pause_point("shard", i, out_dir)
     rows, rejects = process_chunk(items, **kw)
     audio_columns = kw["audio_columns"]
-    record: dict[str, Any] = {"key": key, "index": i, "items": len(items), "rows": len(rows), "rejects": rejects,
-                              "file": None, "sha256": None, "samples": 0, "speaker_samples": {}, "durations": [],
-                              "sample_rate": None, "columns": {}}
+    info: dict[str, Any] = {"key": key, "index": i, "items": len(items), "rejects": rejects}
     if rows:
-        data = _parquet_bytes(_table(rows, key))
+        data = parquet_bytes(_table(rows, key))
         _atomic_write_bytes(out_dir / _shard_name(i), data)
         rates = {int(r["sample_rate"]) for r in rows}
         spk_key = "speaker" if "speaker" in rows[0] else "speakers" if "speakers" in rows[0] else None
-        for r in rows:
-            n = int(r["num_samples"])
-            record["samples"] += n
-            record["durations"].append(n / int(r["sample_rate"]))
-            if spk_key:
-                for spk in str(r.get(spk_key) or "").split(","):
-                    if spk:
-                        record["speaker_samples"][spk] = record["speaker_samples"].get(spk, 0) + n
-        record.update(file=_shard_name(i), sha256=hashlib.sha256(data).hexdigest(),
-                      sample_rate=rates.pop() if len(rates) == 1 else sorted(rates),
-                      columns=_read_columns(data), audio_columns=list(audio_columns))
+        stats = row_stats(rows, [int(r["num_samples"]) for r in rows], [int(r["sample_rate"]) for r in rows], spk_key)
+        record = shard_record(_shard_name(i), len(rows), hashlib.sha256(data).hexdigest(), stats, **info,
+                              sample_rate=rates.pop() if len(rates) == 1 else sorted(rates),
+                              columns=_read_columns(data), audio_columns=list(audio_columns))
     else:
         (out_dir / _shard_name(i)).unlink(missing_ok=True)
+        record = shard_record(None, 0, None, {}, **info, sample_rate=None, columns={})
     _atomic_write_bytes(_record_path(out_dir, i), json.dumps(record).encode())
     return record
 
@@ -201,7 +182,7 @@ def run_chunks(out_dir: Path, todo: list[tuple[int, list[dict[str, Any]], str]],
     import ray.data
 
     if not ray.is_initialized():  # a local Ray on loopback, set up as for training
-        from raytrain.pipeline import ray_init
+        from raytrain.session import ray_init
 
         ray_init()
     ctx = ray.data.DataContext.get_current()
@@ -273,19 +254,13 @@ def unify_shards(out: Path, records: list[dict[str, Any]]) -> None:
             arrays = [table.column(f.name).cast(f.type) if f.name in table.column_names
                       else pa.chunked_array([pa.nulls(table.num_rows, f.type)]) for f in unified]
             key = (table.schema.metadata or {}).get(_KEY_META, b"")
-            data = _parquet_bytes(pa.Table.from_arrays(arrays, schema=unified.with_metadata({_KEY_META: key})))
+            data = parquet_bytes(pa.Table.from_arrays(arrays, schema=unified.with_metadata({_KEY_META: key})))
             _atomic_write_bytes(path, data)
             r["sha256"] = hashlib.sha256(data).hexdigest()
         elif list(r["columns"].items()) == list(columns.items()):
             continue
         r["columns"] = columns
         _atomic_write_bytes(_record_path(out, int(r["index"])), json.dumps(r).encode())
-
-
-def _histogram(durations: list[float]) -> list[dict[str, Any]]:
-    counts = np.histogram(np.asarray(durations, dtype=np.float64), bins=np.asarray(DURATION_BINS))[0]
-    return [{"min_s": lo, "max_s": hi if math.isfinite(hi) else None, "count": int(c)}
-            for lo, hi, c in zip(DURATION_BINS[:-1], DURATION_BINS[1:], counts, strict=True)]
 
 
 def _item_bytes(item: dict[str, Any], audio_columns: list[str]) -> int:
@@ -411,35 +386,17 @@ def _write_manifest(out: Path, records: list[dict[str, Any]], kind: str, audio_c
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     _atomic_write_bytes(out / REJECTS_NAME, sink.getvalue().to_pybytes())
-    samples = sum(r["samples"] for r in records)
-    spk: dict[str, int] = {}
-    for r in records:
-        for k, v in r["speaker_samples"].items():
-            spk[k] = spk.get(k, 0) + v
     columns: dict[str, str] = {}
     for r in records:
         columns.update(r["columns"])
-    sec = 3600.0 * sr if sr else 1.0
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": kind,
-        "columns": columns,
-        "audio_columns": list(audio_columns),
-        "audio_format": params["audio_format"],
-        "sample_rate": sr,
-        "rows": sum(r["rows"] for r in records),
-        "hours": round(samples / sec, 6),
-        "num_speakers": len(spk),
-        "speaker_hours": {k: round(v / sec, 6) for k, v in sorted(spk.items())},
-        "duration_histogram": _histogram([d for r in records for d in r["durations"]]),
-        "shards": [{"file": r["file"], "rows": r["rows"], "sha256": r["sha256"]} for r in records if r["file"]],
-        "rejects": {"count": len(rejects), "file": REJECTS_NAME},
-        "items": sum(r["items"] for r in records),
-        "steps": params["steps"],
-        "prep": params,
-        "created_by": CREATED_BY,
-    }
-    _atomic_write_bytes(out / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+    roles = derive_columns({"columns": columns, "audio_columns": list(audio_columns), "sample_rate": sr,
+                            "audio_format": params["audio_format"], "steps": params["steps"]})
+    manifest = build_manifest(kind=kind, records=records, columns=columns, roles=roles, prep=params,
+                              sample_rate=sr, audio_columns=list(audio_columns),
+                              audio_format=params["audio_format"],
+                              rejects={"count": len(rejects), "file": REJECTS_NAME},
+                              items=sum(r["items"] for r in records), steps=params["steps"])
+    _atomic_write_bytes(out / MANIFEST_NAME, manifest_bytes(manifest))
     print(f"prep {out}: {manifest['rows']} rows, {manifest['hours']:.3f} h, {len(manifest['shards'])} shards, "
           f"{len(rejects)} rejected")
     for rj in rejects[:20]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from datasets_prep.storage import download_file, is_uri
-from raytrain.config.schema import InitFromConfig, PhaseConfig
+from raytrain.config.schema import InitFromConfig, TrainPhaseConfig
 
 STATE_FILE = "state.pt"
 WEIGHTS_FILE = "model.pt"
@@ -209,7 +209,7 @@ def check_patterns(names: list[str], patterns: list[str], key: str) -> None:
             )
 
 
-def frozen_names(names: list[str], phase: PhaseConfig, where: str) -> set[str]:
+def frozen_names(names: list[str], phase: TrainPhaseConfig, where: str) -> set[str]:
     """Names of the parameters a phase freezes (validated patterns)."""
     if phase.freeze is not None:
         check_patterns(names, phase.freeze, f"{where}.freeze")
@@ -220,7 +220,7 @@ def frozen_names(names: list[str], phase: PhaseConfig, where: str) -> set[str]:
     return {n for n in names if not _matches(n, phase.trainable)}
 
 
-def apply_freeze(model: torch.nn.Module, phase: PhaseConfig, where: str = "phase") -> tuple[int, int]:
+def apply_freeze(model: torch.nn.Module, phase: TrainPhaseConfig, where: str = "phase") -> tuple[int, int]:
     """Set requires_grad; returns (trainable, frozen) parameter counts."""
     names = [n for n, _ in model.named_parameters()]
     frozen = frozen_names(names, phase, where)

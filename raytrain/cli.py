@@ -25,7 +25,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.override)
     only = [p.strip() for p in args.phases.split(",")] if args.phases else None
     runner = PipelineRunner(cfg, config_text=Path(args.config).read_text(), resume=args.resume, only=only,
-                            run_dir=args.run_dir)
+                            run_dir=args.run_dir, rebuild_cache=args.rebuild_cache)
     print(f"run folder: {runner.run_dir}")
     t0 = time.time()
     summary = runner.run()
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phases", help="comma-separated phase names to run (others are skipped)")
     p.add_argument("--resume", action="store_true", help="continue the last unfinished run of this pipeline")
     p.add_argument("--run-dir", help="use this run folder (default runs/<pipeline>/<timestamp>)")
+    p.add_argument("--rebuild-cache", action="store_true",
+                   help="cache phases run their model again even where a cached dataset has the same key")
     p.set_defaults(fn=_run)
     p = sub.add_parser("tune", help="sweep one phase's config with Ray Tune (ASHA), every trial in MLflow")
     with_config(p)
@@ -230,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     p.set_defaults(fn=_prep)
     p = sub.add_parser("infer", help="separate or transcribe audio files with a trained model")
-    p.add_argument("source", help="run folder runs/<pipeline>/<id>, a phase folder, or a model.pt")
+    p.add_argument("source", help="run folder runs/<pipeline>/<id>, a phase folder, a model.pt, "
+                                  "or an exported separation model .onnx (onnxruntime, CPU)")
     p.add_argument("inputs", nargs="+", help="input wav/flac files (any sample rate); ASR also takes .tsv manifests")
     p.add_argument("-o", "--output", default="out", help="output folder (default: out/)")
     p.add_argument("--phase", help="phase whose best checkpoint to use (default: the last finished)")

@@ -1,9 +1,9 @@
-"""`raytrain infer`: separate audio files with a trained model (a run folder or a checkpoint)."""
+"""`raytrain infer`: separate audio files with a trained model (a run folder, a checkpoint or an exported .onnx)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import soundfile as sf
@@ -13,7 +13,9 @@ import yaml
 
 from raytrain.checkpoints import load_weights
 from raytrain.config.schema import ModelConfig, PipelineConfig
+from raytrain.export import OnnxModel
 from raytrain.models import build_model
+from raytrain.runs import read_summary
 
 
 def locate(source: str | Path, phase: str | None = None) -> tuple[Path, ModelConfig]:
@@ -26,7 +28,7 @@ def locate(source: str | Path, phase: str | None = None) -> tuple[Path, ModelCon
         raise FileNotFoundError(f"{src}: not inside a raytrain run folder (no summary.json above it); "
                                 "give the run folder runs/<pipeline>/<run_id> or a model.pt inside it")
     pipe = PipelineConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir)
     if src.is_file():
         weights = src
         phase = phase or src.parent.parent.name
@@ -35,20 +37,20 @@ def locate(source: str | Path, phase: str | None = None) -> tuple[Path, ModelCon
             if src != run_dir:
                 phase = src.name
             else:
-                done = [n for n, e in summary["phases"].items() if e.get("best_checkpoint")]
+                done = [n for n, e in summary.phases.items() if e.best_checkpoint]
                 if not done:
                     raise FileNotFoundError(f"{run_dir}: no phase has finished yet")
                 phase = done[-1]
-        entry = summary["phases"].get(phase, {})
-        if not entry.get("best_checkpoint"):
-            raise FileNotFoundError(f"{run_dir}: phase {phase!r} has no checkpoint (status: {entry.get('status')})")
-        weights = Path(entry["best_checkpoint"])
-        if not weights.exists() and entry.get("best_checkpoint_uri"):
+        entry = summary.entry(phase)
+        if not entry.best_checkpoint:
+            raise FileNotFoundError(f"{run_dir}: phase {phase!r} has no checkpoint (status: {entry.status})")
+        weights = Path(entry.best_checkpoint)
+        if not weights.exists() and entry.best_checkpoint_uri:
             # a run with `storage:` resumed elsewhere (or this folder copied without its weights): the weights
             # are in the storage; fetch them to where the summary says they belong
             from datasets_prep.storage import download_file, exists
 
-            uri = entry["best_checkpoint_uri"]
+            uri = entry.best_checkpoint_uri
             if not exists(uri):
                 raise FileNotFoundError(f"{run_dir}: phase {phase!r}: its best weights are neither at {weights} "
                                         f"nor at {uri}")
@@ -64,17 +66,38 @@ def from_weights(mcfg: ModelConfig, weights: str | Path) -> torch.nn.Module:
     return model.eval()
 
 
-def load_model(source: str | Path, phase: str | None = None) -> torch.nn.Module:
+class Separator(Protocol):
+    """What `separate_file` calls: a torch separation model or an `OnnxModel` of one."""
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+def load_onnx(path: str | Path) -> OnnxModel:
+    """An exported separation model (`raytrain.export.export_onnx`), with as many threads as torch would use."""
+    model = OnnxModel(path, intra_op_num_threads=torch.get_num_threads())
+    spec = model.export_spec
+    if "mix" not in spec.inputs or "est_sources" not in spec.outputs:
+        raise ValueError(f"{path}: raytrain infer runs separation models (mix -> est_sources); this file takes "
+                         f"{list(spec.inputs)} and returns {list(spec.outputs)}")
+    return model
+
+
+def load_model(source: str | Path, phase: str | None = None) -> torch.nn.Module | OnnxModel:
+    """The model of a run folder / phase folder / model.pt, or an exported `.onnx` file (then `phase` must be None)."""
+    if str(source).endswith(".onnx"):
+        if phase is not None:
+            raise ValueError(f"{source}: an exported .onnx file has no phases (drop --phase {phase})")
+        return load_onnx(source)
     weights, mcfg = locate(source, phase)
     return from_weights(mcfg, weights)
 
 
 @torch.no_grad()
-def separate_file(model: torch.nn.Module, path: str | Path, out_dir: str | Path) -> list[Path]:
+def separate_file(model: Separator, path: str | Path, out_dir: str | Path) -> list[Path]:
     """Writes `<stem>_s1.wav` … at the input's own sample rate; returns the paths."""
     wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
     mono = torch.from_numpy(wave.mean(axis=1))
-    model_sr = int(getattr(model, "sample_rate", sr))
+    model_sr = int(getattr(model, "sample_rate", None) or sr)
     x = AF.resample(mono, sr, model_sr) if sr != model_sr else mono
     est = model({"mix": x[None], "lengths": torch.tensor([x.shape[-1]])})["est_sources"][0]  # (sources, time)
     if sr != model_sr:

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from raytrain.checkpoints import check_patterns
-from raytrain.config.schema import PhaseConfig, ScheduleConfig
+from raytrain.config.schema import ScheduleConfig, TrainPhaseConfig
 
 
-def param_groups(model: torch.nn.Module, phase: PhaseConfig, where: str = "phase") -> list[dict]:
+def param_groups(model: torch.nn.Module, phase: TrainPhaseConfig, where: str = "phase") -> list[dict]:
     """Trainable parameters split by `param_groups` (first matching pattern wins); the rest
     use the phase's `optim` values. Frozen parameters never enter the optimizer."""
     named = [(n.removeprefix("module."), p) for n, p in model.named_parameters()]
@@ -38,7 +38,7 @@ def param_groups(model: torch.nn.Module, phase: PhaseConfig, where: str = "phase
     return out
 
 
-def build_optimizer(model: torch.nn.Module, phase: PhaseConfig, where: str = "phase") -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, phase: TrainPhaseConfig, where: str = "phase") -> torch.optim.Optimizer:
     groups = param_groups(model, phase, where)
     for g in groups:
         g.pop("names")
@@ -64,5 +64,5 @@ def lr_factor(step: int, sched: ScheduleConfig, max_steps: int) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(opt: torch.optim.Optimizer, phase: PhaseConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(opt: torch.optim.Optimizer, phase: TrainPhaseConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, phase.schedule, phase.max_steps))

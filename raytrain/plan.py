@@ -1,7 +1,9 @@
 """Pre-flight checks and the phase table of `raytrain plan` — no Ray, no workers.
 
 Models are built on the `meta` device, so even a full-size config is checked in
-seconds without allocating its weights.
+seconds without allocating its weights. Each phase's kind says what it reads and
+writes (`PhaseKind.needs` / `produces`); the checks here are the same for every kind,
+and a kind adds its own (`PhaseKind.check`) and its rows of the table (`plan_lines`).
 """
 
 from __future__ import annotations
@@ -13,26 +15,30 @@ from typing import Any
 
 import torch
 
-from raytrain.checkpoints import PatternError, check_patterns, frozen_names
 from raytrain.config.loader import ConfigError
-from raytrain.config.schema import PhaseConfig, PipelineConfig
+from raytrain.config.schema import PipelineConfig
 from raytrain.data.datasets import dataset_info, resolve
 from raytrain.data.transforms import TRANSFORMS
 from raytrain.losses import LOSSES
 from raytrain.metrics import METRICS
 from raytrain.models import build_model
-from raytrain.optim import lr_factor
+from raytrain.phases.base import PhaseKind, phase_kind
 from raytrain.registry import RegistryError
 
 
 @dataclass
 class PhasePlan:
-    phase: PhaseConfig
+    phase: Any  # the phase's config (its kind's model)
+    kind: PhaseKind | None = None
     datasets: list[tuple[str, str, dict[str, Any] | None]] = field(default_factory=list)  # (role, name, manifest)
     init: str = "fresh init"
     n_trainable: int = 0
     n_frozen: int = 0
     sample_rate: int | None = None
+    shapes: dict[str, torch.Size] = field(default_factory=dict)  # parameter name -> shape (meta model)
+    produced: dict[str, dict[str, Any]] = field(default_factory=dict)  # datasets it writes -> columns
+    extra: dict[str, Any] = field(default_factory=dict)  # what a kind's check found, for its plan lines
+    columns: dict[str, list[str] | None] = field(default_factory=dict)  # "train:<name>"/"eval"/... -> to read
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ class PhaseFigures:
 
     name: str
     kind: str
-    batch_size: int  # per worker and micro-batch (an evaluate phase: its eval batch size)
+    batch_size: int  # per worker and micro-batch (a phase that does not train: its eval batch size)
     grad_accum: int
     num_workers: int
     effective_batch: int  # samples per optimizer step: batch_size x grad_accum x num_workers
@@ -55,21 +61,16 @@ class PhaseFigures:
 def phase_figures(pipe: PipelineConfig, plan: PhasePlan) -> PhaseFigures:
     ph = plan.phase
     workers = pipe.phase_scaling(ph).num_workers
-    batch = (ph.eval_batch_size or ph.batch_size) if ph.kind == "evaluate" else ph.batch_size
-    accum = 1 if ph.kind == "evaluate" else ph.grad_accum
-    return PhaseFigures(ph.name, ph.kind, batch, accum, workers, batch * accum * workers, ph.max_steps,
-                        ph.eval_every, ph.checkpoint_every, plan.n_trainable, plan.n_frozen)
+    trains = ph.trains
+    batch = getattr(ph, "batch_size", 0) if trains else getattr(ph, "scored_batch_size", getattr(ph, "batch_size", 0))
+    accum = getattr(ph, "grad_accum", 1) if trains else 1
+    return PhaseFigures(ph.name, ph.kind, batch, accum, workers, batch * accum * workers,
+                        getattr(ph, "max_steps", 0), getattr(ph, "eval_every", 0), getattr(ph, "checkpoint_every", 0),
+                        plan.n_trainable, plan.n_frozen)
 
 
-def _where(phase: PhaseConfig, i: int) -> str:
+def _where(phase: Any, i: int) -> str:
     return f"phases[{i}]({phase.name})"
-
-
-def _model_names(pipe: PipelineConfig, phase: PhaseConfig) -> dict[str, torch.Size]:
-    mcfg = pipe.phase_model(phase)
-    with torch.device("meta"):
-        model = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
-    return {n: p.shape for n, p in model.named_parameters()}
 
 
 def check_pipeline(pipe: PipelineConfig, *, require_data: bool = False) -> list[PhasePlan]:
@@ -77,29 +78,42 @@ def check_pipeline(pipe: PipelineConfig, *, require_data: bool = False) -> list[
     problems: list[str] = []
     plans: list[PhasePlan] = []
     seen: list[str] = []
+    weights_by: set[str] = set()  # earlier phases that write weights
+    produced: dict[str, tuple[str, dict[str, Any]]] = {}  # dataset an earlier phase writes -> (phase, columns)
     for i, phase in enumerate(pipe.phases):
         where = _where(phase, i)
-        plan = PhasePlan(phase)
+        kind = phase_kind(phase.kind)
+        plan = PhasePlan(phase, kind)
         plans.append(plan)
         if phase.name in seen:
             problems.append(f"{where}.name: phase name {phase.name!r} is used twice")
-        # datasets
-        train_roles = [("train", s.name) for s in phase.train] if phase.kind == "train" else []
-        roles = train_roles + ([("eval", phase.eval)] if phase.eval else [])
-        for role, name in roles:
-            if name not in pipe.data:
-                close = difflib.get_close_matches(name, list(pipe.data), n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                problems.append(f"{where}.{role}: dataset {name!r} is not under 'data'.{hint} "
-                                f"Defined: {', '.join(pipe.data)}")
+        needs = kind.needs(pipe, phase)
+        # datasets: `data:` entries, or what an earlier phase writes
+        for use in needs.datasets:
+            if use.name in produced:
+                plan.datasets.append((use.role, use.name, None))
                 continue
-            path = resolve(pipe.data[name].shards)
+            if use.name not in pipe.data:
+                known = [*pipe.data, *produced]
+                later = [p.name for p in pipe.phases[i:] if use.name in phase_kind(p.kind).produces(pipe, p).datasets]
+                if later:
+                    problems.append(f"{where}.{use.role}: dataset {use.name!r} is written by phase {later[0]!r}, "
+                                    f"which runs after {phase.name!r}; move that phase earlier")
+                    continue
+                close = difflib.get_close_matches(use.name, known, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                also = " nor written by an earlier phase" if produced else ""
+                problems.append(f"{where}.{use.role}: dataset {use.name!r} is not under 'data'{also}.{hint} "
+                                f"Defined: {', '.join(known)}")
+                continue
+            path = resolve(pipe.data[use.name].shards)
             manifest = dataset_info(path)
             if manifest is None and require_data:
-                problems.append(f"data.{name}.shards: {path} has no _manifest.json; prepare it first "
+                problems.append(f"data.{use.name}.shards: {path} has no _manifest.json; prepare it first "
                                 "(raytrain prep configs/prep/<name>.yaml)")
-            plan.datasets.append((role, name, manifest))
-        rates = {m["sample_rate"] for _, _, m in plan.datasets if m}
+            plan.datasets.append((use.role, use.name, manifest))
+        problems.extend(_check_columns(kind, pipe, phase, plan, produced, where))
+        rates = {m["sample_rate"] for _, _, m in plan.datasets if m and m.get("sample_rate")}
         mcfg = pipe.phase_model(phase)
         model_sr = mcfg.args.get("sample_rate")
         if len(rates) > 1:
@@ -110,47 +124,88 @@ def check_pipeline(pipe: PipelineConfig, *, require_data: bool = False) -> list[
                             "model.args.sample_rate or prepare the data at the model's rate")
         plan.sample_rate = model_sr or (next(iter(rates)) if rates else None)
         # registries
-        for name in phase.losses:
+        for name in getattr(phase, "losses", {}):
             _check_name(LOSSES, name, f"{where}.losses", problems)
-        for name in phase.metrics:
+        for name in getattr(phase, "metrics", []):
             _check_name(METRICS, name, f"{where}.metrics", problems)
-        for t in [*phase.transforms, *phase.eval_transforms]:
+        for t in [*getattr(phase, "transforms", []), *getattr(phase, "eval_transforms", [])]:
             _check_name(TRANSFORMS, t.name, f"{where}.transforms", problems)
-        for g in phase.gates:
+        for g in getattr(phase, "gates", []):
             if not g.metric.startswith(("eval/", "train/")):
                 problems.append(f"{where}.gates: metric {g.metric!r} should be 'eval/<name>' or 'train/<name>'")
-            elif g.metric.startswith("eval/") and not phase.eval:
+            elif g.metric.startswith("eval/") and not getattr(phase, "eval", None):
                 problems.append(f"{where}.gates: {g.metric!r} needs an 'eval' dataset in this phase")
-        # init_from
+        # weights it loads: init_from, a teacher, ...
+        names = [p.name for p in pipe.phases]
+        for key, source in needs.weights:
+            if source not in names:
+                problems.append(f"{where}.{key}: no phase named {source!r}; earlier phases: {seen or 'none'}")
+            elif source not in seen:
+                problems.append(f"{where}.{key}: phase {source!r} runs after {phase.name!r}; {key} must name an "
+                                "earlier phase")
+            elif source not in weights_by:
+                problems.append(f"{where}.{key}: phase {source!r} writes no weights to load")
         init = phase.init
         if init is not None and init.phase is not None:
-            if init.phase not in [p.name for p in pipe.phases]:
-                problems.append(f"{where}.init_from: no phase named {init.phase!r}; earlier phases: {seen or 'none'}")
-            elif init.phase not in seen:
-                problems.append(f"{where}.init_from: phase {init.phase!r} runs after {phase.name!r}; "
-                                "init_from must name an earlier phase")
             plan.init = f"phase {init.phase} ({init.checkpoint})"
         elif init is not None and init.path is not None:
             plan.init = init.path
             if "://" not in init.path and not Path(init.path).exists():
                 problems.append(f"{where}.init_from.path: checkpoint {init.path} does not exist")
-        # model, freeze patterns, param groups
+        # the model (on `meta`), then the kind's own checks
         try:
-            shapes = _model_names(pipe, phase)
-            names = list(shapes)
-            frozen = frozen_names(names, phase, where)
-            for j, group in enumerate(phase.param_groups):
-                check_patterns(names, group.patterns, f"{where}.param_groups[{j}].params")
-            plan.n_frozen = sum(shapes[n].numel() for n in frozen)
-            plan.n_trainable = sum(s.numel() for n, s in shapes.items() if n not in frozen)
-            if plan.n_trainable == 0 and phase.kind == "train":
-                problems.append(f"{where}: every parameter is frozen; nothing to train")
-        except (PatternError, RegistryError, TypeError, ValueError) as exc:
+            with torch.device("meta"):
+                model = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
+            plan.shapes = {n: p.shape for n, p in model.named_parameters()}
+            plan.n_trainable = sum(s.numel() for s in plan.shapes.values())
+        except (RegistryError, TypeError, ValueError) as exc:
             problems.append(str(exc) if str(exc).startswith(where) else f"{where}.model: {exc}")
+        problems.extend(kind.check(pipe, phase, plan, where))
+        out = kind.produces(pipe, phase)
+        plan.produced = out.datasets
+        for name, columns in out.datasets.items():
+            produced[name] = (phase.name, columns)
+        if out.weights:
+            weights_by.add(phase.name)
         seen.append(phase.name)
     if problems:
         raise ConfigError("the pipeline has problems:\n" + "\n".join(f"  - {p}" for p in problems))
     return plans
+
+
+def _check_columns(kind: PhaseKind, pipe: PipelineConfig, phase: Any, plan: PhasePlan,
+                   produced: dict[str, tuple[str, dict[str, Any]]], where: str) -> list[str]:
+    """Each dataset has the columns the phase reads from it (its manifest's, or those the earlier phase that
+    writes it declares); records in `plan.columns` which columns to read."""
+    from raytrain.data.columns import missing_columns
+
+    problems: list[str] = []
+    try:
+        needs = kind.column_needs(pipe, phase)
+    except (RegistryError, TypeError, ValueError) as exc:
+        return [f"{where}: cannot tell which columns it reads: {exc}"]
+    for role, name, manifest in plan.datasets:
+        need = needs.get(role)
+        if need is None:
+            continue
+        available: Any = manifest if manifest is not None else (list(produced[name][1]) if name in produced else None)
+        if available is None:  # not prepared yet: `raytrain run` checks again
+            continue
+        for col in missing_columns(need, available):
+            source = f"written by phase {produced[name][0]!r}" if name in produced else "its manifest"
+            have = ", ".join(available if isinstance(available, list) else _column_names(available))
+            problems.append(f"{where}.{role}: dataset {name!r} has no column {col!r} ({source} lists {have}), "
+                            f"needed by {need.explain(col.split(' ')[0])}; read a dataset that has it, or "
+                            "change what the phase reads")
+        key = f"train:{name}" if role == "train" else role
+        plan.columns[key] = need.to_read(manifest) if manifest is not None else None
+    return problems
+
+
+def _column_names(manifest: dict[str, Any]) -> list[str]:
+    from datasets_prep.columns import manifest_columns
+
+    return list(manifest_columns(manifest))
 
 
 def _check_name(registry: Any, name: str, where: str, problems: list[str]) -> None:
@@ -160,50 +215,36 @@ def _check_name(registry: Any, name: str, where: str, problems: list[str]) -> No
         problems.append(f"{where}: {exc}")
 
 
-def _fmt_count(n: int) -> str:
+def fmt_count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
 
 
-def _schedule_text(phase: PhaseConfig) -> str:
-    s = phase.schedule
-    end = phase.optim.lr * lr_factor(phase.max_steps - 1, s, phase.max_steps)
-    text = f"{phase.optim.name} lr {phase.optim.lr:g}"
-    if s.warmup_steps:
-        text += f", warmup {s.warmup_steps}"
-    text += f", {s.decay}" + (f" -> {end:.2g}" if s.decay != "constant" else "")
-    for g in phase.param_groups:
-        text += f"; {g.params}: lr {g.lr or phase.optim.lr:g}"
-    return text
+def _gate_text(g: Any) -> str:
+    lo = f">={g.min:g}" if g.min is not None else ""
+    hi = f"<={g.max:g}" if g.max is not None else ""
+    return f"{g.metric} {' '.join(x for x in (lo, hi) if x)}"
 
 
 def format_plan(pipe: PipelineConfig, plans: list[PhasePlan]) -> str:
     lines = [f"pipeline {pipe.name} (seed {pipe.seed}, {len(plans)} phases)", ""]
     for i, p in enumerate(plans):
-        ph, f = p.phase, phase_figures(pipe, p)
+        ph = p.phase
         lines.append(f"[{i}] {ph.name}  ({ph.kind})")
         for role, name, m in p.datasets:
-            weight = next((f" x{s.weight:g}" for s in ph.train if s.name == name and role == "train"), "")
-            info = (f"{m['rows']:,} rows, {m['hours']:.2f} h, {m.get('num_speakers', '?')} speakers, "
-                    f"{m['sample_rate']} Hz, {m['kind']}") if m else "NOT PREPARED (no _manifest.json)"
+            weight = next((f" x{s.weight:g}" for s in getattr(ph, "train", []) if s.name == name and role == "train"),
+                          "")
+            if m:
+                info = (f"{m['rows']:,} rows, {m['hours']:.2f} h, {m.get('num_speakers', '?')} speakers, "
+                        f"{m['sample_rate']} Hz, {m['kind']}")
+            elif any(name in q.produced for q in plans[:i]):
+                info = "written by " + next(q.phase.name for q in plans[:i] if name in q.produced)
+            else:
+                info = "NOT PREPARED (no _manifest.json)"
             lines.append(f"    {role:<8} {name}{weight}: {info}")
         lines.append(f"    init     {p.init}")
-        if ph.kind == "evaluate":
-            lines.append(f"    params   {_fmt_count(p.n_trainable + p.n_frozen)} (scored, not trained)")
-            lines.append(f"    metrics  {', '.join(ph.metrics) or '-'}"
-                         + (f"; losses {', '.join(f'{k} x{v:g}' for k, v in ph.losses.items())}" if ph.losses else ""))
-            lines.append(f"    batch    {f.batch_size} x {f.num_workers} workers")
-        else:
-            lines.append(f"    params   {_fmt_count(p.n_trainable)} trainable, {_fmt_count(p.n_frozen)} frozen")
-            lines.append(f"    losses   {', '.join(f'{k} x{v:g}' for k, v in ph.losses.items())}"
-                         + (f"; metrics {', '.join(ph.metrics)}" if ph.metrics else ""))
-            lines.append(f"    optim    {_schedule_text(ph)}")
-            lines.append(f"    batch    {f.batch_size} x accum {f.grad_accum} x {f.num_workers} workers = "
-                         f"{f.effective_batch}; {f.max_steps:,} steps; eval every {f.eval_every}, "
-                         f"checkpoint every {f.checkpoint_every}")
-        if ph.gates:
-            lines.append("    gates    " + ", ".join(
-                f"{g.metric} {'>=' + format(g.min, 'g') if g.min is not None else ''}"
-                f"{' ' if g.min is not None and g.max is not None else ''}"
-                f"{'<=' + format(g.max, 'g') if g.max is not None else ''}" for g in ph.gates))
+        kind = p.kind or phase_kind(ph.kind)
+        lines.extend(kind.plan_lines(pipe, p))
+        if getattr(ph, "gates", None):
+            lines.append("    gates    " + ", ".join(_gate_text(g) for g in ph.gates))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

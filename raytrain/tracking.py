@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from raytrain.config.schema import PhaseConfig, PipelineConfig
+    from raytrain.config.schema import PhaseBase, PipelineConfig
+    from raytrain.runs import PhaseEntry
 
 log = logging.getLogger(__name__)
 
@@ -165,36 +166,36 @@ class Tracker:
         return str(version.version)
 
 
-def log_phase_model(tracker: Tracker, pipe: PipelineConfig, phase: PhaseConfig, entry: dict[str, Any],
+def log_phase_model(tracker: Tracker, pipe: PipelineConfig, phase: PhaseBase, entry: PhaseEntry,
                     run_id: str | None) -> None:
-    """Log a finished train phase's best weights as an MLflow model, and register it when it is the pipeline's
-    final train phase and `tracking.register_as` is set. Records `mlflow_model_uri` (and
-    `mlflow_registered_model`) in the phase's summary entry. A failure does not fail the finished phase: it is
-    recorded as `mlflow_model_error` and logged as a warning that says where the weights are."""
-    for key in ("mlflow_model_uri", "mlflow_registered_model", "mlflow_model_error"):
-        entry.pop(key, None)
-    if not (tracker.enabled and pipe.tracking.log_model and run_id and phase.kind == "train"):
+    """Log a finished phase's best weights as an MLflow model when its kind trains weights, and register it
+    when it is the pipeline's final such phase and `tracking.register_as` is set. Records `mlflow_model_uri`
+    (and `mlflow_registered_model`) in the phase's summary entry. A failure does not fail the finished phase:
+    it is recorded as `mlflow_model_error` and logged as a warning that says where the weights are."""
+    entry.mlflow_model_uri = entry.mlflow_registered_model = entry.mlflow_model_error = None
+    if not (tracker.enabled and pipe.tracking.log_model and run_id and phase.trains and entry.best_checkpoint):
         return
     import time
 
     from raytrain.infer import from_weights
+    from raytrain.runs import RegisteredModel
 
     register_as = pipe.tracking.register_as if pipe.final_train_phase() == phase.name else None
     mcfg = pipe.phase_model(phase)
     what = "logged"
     try:
         t0 = time.time()
-        model = from_weights(mcfg, entry["best_checkpoint"])
+        model = from_weights(mcfg, entry.best_checkpoint)
         meta = {"raytrain": {"pipeline": pipe.name, "phase": phase.name, "model": mcfg.model_dump(mode="json"),
-                             "weights": str(entry["best_checkpoint"])}}
-        entry["mlflow_model_uri"] = tracker.log_model(run_id, model, step=int(entry.get("steps", 0)), metadata=meta)
+                             "weights": str(entry.best_checkpoint)}}
+        entry.mlflow_model_uri = uri = tracker.log_model(run_id, model, step=int(entry.steps or 0), metadata=meta)
         if register_as:
             what = f"registered as {register_as!r}"
-            entry["mlflow_registered_model"] = {"name": register_as,
-                                                "version": tracker.register(entry["mlflow_model_uri"], register_as)}
-        log.info("phase %s: MLflow model %s in %.1f s", phase.name, entry["mlflow_model_uri"], time.time() - t0)
+            entry.mlflow_registered_model = RegisteredModel(name=register_as,
+                                                            version=tracker.register(uri, register_as))
+        log.info("phase %s: MLflow model %s in %.1f s", phase.name, entry.mlflow_model_uri, time.time() - t0)
     except Exception as exc:
-        entry["mlflow_model_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        entry.mlflow_model_error = f"{type(exc).__name__}: {exc}"[:2000]
         log.warning("phase %r finished, but its model could not be %s in MLflow (%s): %s. The phase's weights are "
                     "in %s (summary.json: mlflow_model_error); `raytrain infer` uses them as they are.",
-                    phase.name, what, tracker.uri, entry["mlflow_model_error"], entry.get("best_checkpoint"))
+                    phase.name, what, tracker.uri, entry.mlflow_model_error, entry.best_checkpoint)

@@ -31,6 +31,7 @@ from raytrain.config.schema import PipelineConfig
 from raytrain.config.sweep import SweepConfig
 from raytrain.data.datasets import resolve
 from raytrain.pipeline import PipelineError, PipelineRunner, resolve_paths
+from raytrain.runs import SUMMARY_FILE, PhaseEntry, RunSummary, read_summary, write_summary
 from raytrain.tracking import Tracker, tracking_uri
 
 SWEEP_FILE = "sweep.json"
@@ -52,9 +53,10 @@ def check_sweep(pipe: PipelineConfig, sweep: SweepConfig) -> None:
     if sweep.phase not in names:
         raise ConfigError(f"sweep phase: no phase named {sweep.phase!r}; phases: {names}")
     idx = names.index(sweep.phase)
-    phase = pipe.phases[idx]
-    if phase.kind != "train":
-        raise ConfigError(f"sweep phase: {sweep.phase!r} is an {phase.kind} phase; sweep a train phase")
+    try:
+        phase = pipe.trained_phase(sweep.phase)
+    except KeyError as exc:
+        raise ConfigError(f"sweep phase: {exc.args[0]}; sweep a phase that trains (train, distill)") from None
     if sweep.metric.startswith("eval/") and not phase.eval:
         raise ConfigError(f"sweep metric {sweep.metric}: phase {sweep.phase!r} has no eval dataset; give it "
                           "`eval:` or sweep a train/ metric")
@@ -106,9 +108,8 @@ class Trial:
         pipe = with_values(load_config(raw=self.raw), {**values, f"phases.{self.phase}.scaling": self.scaling,
                                                        **TRIAL_TRACKING})
         run_dir = Path(self.sweep_dir) / "trials" / trial_id
-        done = run_dir / "summary.json"
-        if done.exists() and json.loads(done.read_text())["phases"].get(self.phase, {}).get("status") in (
-                "finished", "gate_failed"):
+        done = run_dir / SUMMARY_FILE
+        if done.exists() and read_summary(done).entry(self.phase).status in ("finished", "gate_failed"):
             return  # finished before the sweep was interrupted (Tune had not recorded it yet): not run again
         run_dir.mkdir(parents=True, exist_ok=True)
         with (run_dir / "starts.log").open("a") as f:  # one line per start of training
@@ -116,17 +117,19 @@ class Trial:
         pause_point("trial", len(list(run_dir.parent.glob("*/starts.log"))), Path(self.sweep_dir))
         runner = PipelineRunner(pipe, run_dir=run_dir, progress=False, report_evals=True,
                                 train_callbacks=[TuneReportCallback()])
-        runner.summary["phases"].update({k: v for k, v in self.base.items() if k not in runner.summary["phases"]})
-        runner.summary.update(mlflow_run_id=self.parent_run_id, trial={"id": trial_id, "values": values})
-        runner._save_summary()
+        runner.summary.phases.update({k: PhaseEntry.model_validate(v) for k, v in self.base.items()
+                                      if k not in runner.summary.phases})
+        runner.summary.mlflow_run_id, runner.summary.trial = self.parent_run_id, {"id": trial_id, "values": values}
+        runner.save_summary()
         try:
             runner.run_phase(pipe.phase(self.phase), run_name=f"trial {trial_id}")
         except PipelineError as exc:  # a gate: the trial's metrics reached Tune; record, don't fail
-            if runner.summary["phases"][self.phase].get("status") != "gate_failed":
+            if runner.summary.entry(self.phase).status != "gate_failed":
                 raise
             print(exc)
-        runner.summary["status"] = runner.summary["phases"][self.phase]["status"]
-        runner._save_summary()
+        status = runner.summary.entry(self.phase).status
+        runner.summary.status = status if status in ("finished", "gate_failed", "failed") else "partial"
+        runner.save_summary()
 
 
 def run_trial(config: dict[str, Any], trial: Trial) -> None:
@@ -197,7 +200,7 @@ class Sweep:
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def run(self, then_continue: bool = False) -> dict[str, Any]:
-        from raytrain.pipeline import ray_init
+        from raytrain.session import ray_init
 
         # Tune saves its experiment state at every step (default: at most every 10 s), so a sweep killed
         # right after a trial ended resumes knowing it ended and does not run it again.
@@ -245,7 +248,7 @@ class Sweep:
         from ray.tune.schedulers import ASHAScheduler
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        sw, phase = self.sweep, self.pipe.phase(self.sweep.phase)
+        sw, phase = self.sweep, self.pipe.trained_phase(self.sweep.phase)
         scaling = trial_scaling(self.pipe, sw, ray.cluster_resources().get("CPU", 1))
         trial = Trial(self.pipe._raw or {}, sw.phase, base, str(self.dir), parent, scaling, self.state["mlflow_uri"])
         # The trial function only drives its own TorchTrainer, whose workers hold the CPUs.
@@ -281,35 +284,36 @@ class Sweep:
         """One row per trial: values, status, steps reached, last metric, MLflow run, folder."""
         sw = self.sweep
         folders = {}
-        for d in sorted((self.dir / "trials").glob("*/summary.json")):
-            s = json.loads(d.read_text())
-            folders[s["trial"]["id"]] = s
+        for d in sorted((self.dir / "trials").glob(f"*/{SUMMARY_FILE}")):
+            s = read_summary(d)
+            if s.trial is not None:
+                folders[s.trial["id"]] = s
         rows = []
         for res in grid:
             tid = (res.metrics or {}).get("trial_id")
             summary = folders.get(tid) if tid else next(
-                (s for s in folders.values() if s["trial"]["values"] == res.config["values"]), None)
+                (s for s in folders.values() if s.trial and s.trial["values"] == res.config["values"]), None)
             df = res.metrics_dataframe
             history = (df[["eval_step", sw.metric]].dropna().values.tolist()
                        if df is not None and sw.metric in df and "eval_step" in df else [])
-            entry = (summary or {}).get("phases", {}).get(sw.phase, {})
-            status = entry.get("status", "not started")
-            tid = tid or (summary or {}).get("trial", {}).get("id", "?")
+            entry = summary.phases.get(sw.phase) if summary is not None else None
+            status: str = entry.status if entry is not None else "not started"
+            tid = tid or (summary.trial or {}).get("id", "?") if summary is not None else tid or "?"
             if res.error is not None:
                 status = "failed"
             elif status in ("running", "failed"):
                 # Tune ended the trial without an error: the scheduler stopped it. Its phase was cut where
                 # it stood ("running"), or its trainer saw its workers go first and recorded "failed".
                 status = "stopped early"
-                if summary is not None and entry.get("status") != status:
-                    entry["status"] = status
-                    entry.pop("error", None)
-                    atomic_write_text(self.dir / "trials" / tid / "summary.json", json.dumps(summary, indent=2))
+                if summary is not None and entry is not None and entry.status != status:
+                    entry.status, entry.error = "stopped early", None
+                    write_summary(self.dir / "trials" / tid, summary)
             rows.append({"trial": tid,
                          "values": res.config["values"], "status": status,
                          "steps": int(history[-1][0]) if history else 0,
                          "metric": float(history[-1][1]) if history else None, "history": history,
-                         "mlflow_run_id": entry.get("mlflow_run_id"), "mlflow_model_uri": entry.get("mlflow_model_uri"),
+                         "mlflow_run_id": entry.mlflow_run_id if entry else None,
+                         "mlflow_model_uri": entry.mlflow_model_uri if entry else None,
                          "dir": str(self.dir / "trials" / tid),
                          "error": str(res.error)[:500] if res.error else None})
         sign = -1 if sw.mode == "max" else 1
@@ -377,18 +381,18 @@ class Sweep:
         if best["trial"] != (self.state.get("best") or {}).get("trial"):
             print(f"note: the best trial by {self.sweep.metric} did not finish its phase; continuing from the best "
                   f"finished one, {best['trial']}")
-        trial = json.loads((Path(best["dir"]) / "summary.json").read_text())
+        trial = read_summary(Path(best["dir"]))
         cfg = with_values(self.pipe, best["values"], source=f"trial {best['trial']}")
         run_dir = Path(self.pipe.runs_dir) / self.pipe.name / _now()
         names = [p.name for p in cfg.phases]
         done = names[: names.index(self.sweep.phase) + 1]
-        phases = {n: dict(trial["phases"][n]) for n in done}
-        phases[self.sweep.phase]["from_trial"] = best["trial"]
-        summary = {"pipeline": cfg.name, "run_id": run_dir.name, "status": "running", "phases": phases,
-                   "sweep": {"dir": str(self.dir), "trial": best["trial"], "values": best["values"],
-                             "metric": {self.sweep.metric: best["metric"]}}}
+        phases = {n: trial.phases[n].model_copy() for n in done}
+        phases[self.sweep.phase].from_trial = best["trial"]
+        summary = RunSummary(pipeline=cfg.name, run_id=run_dir.name, phases=phases,
+                             sweep={"dir": str(self.dir), "trial": best["trial"], "values": best["values"],
+                                    "metric": {self.sweep.metric: best["metric"]}})
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        write_summary(run_dir, summary)
         print(f"continuing with phases {names[len(done):]} from trial {best['trial']}: {run_dir}")
         runner = PipelineRunner(cfg, run_dir=run_dir, config_text=best_yaml(self.original, best["values"]),
                                 mlflow_parent=parent)

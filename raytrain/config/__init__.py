@@ -11,10 +11,11 @@ from raytrain.config.schema import (
     PipelineConfig,
     ScalingConfig,
     ScheduleConfig,
+    TrainPhaseConfig,
 )
 
 __all__ = [
     "ConfigError", "GateConfig", "InitFromConfig", "ModelConfig", "OptimConfig", "ParamGroupConfig",
-    "PhaseConfig", "PipelineConfig", "ScalingConfig", "ScheduleConfig", "apply_override", "deep_merge",
+    "PhaseConfig", "PipelineConfig", "ScalingConfig", "ScheduleConfig", "TrainPhaseConfig", "apply_override", "deep_merge",
     "load_config", "parse_override",
 ]

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from raytrain.config.schema import PipelineConfig
+from raytrain.config.schema import PHASE_CONFIGS, PipelineConfig, phase_kind_of
 
 
 class ConfigError(ValueError):
@@ -78,11 +78,21 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The config model class that holds the key at `loc[-1]`."""
+def _model_at(loc: tuple[Any, ...], raw: dict[str, Any] | None = None) -> type[BaseModel] | None:
+    """The config model class that holds the key at `loc[-1]` (a phase's model is its kind's)."""
     cls: Any = PipelineConfig
-    for part in loc[:-1]:
+    node: Any = raw
+    for i, part in enumerate(loc[:-1]):
+        if isinstance(node, dict | list):
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                node = None
+        else:
+            node = None
         if isinstance(part, int) or cls is None:
+            if i == 1 and loc[0] == "phases":  # the phase's own model: by its kind
+                cls = PHASE_CONFIGS.get(phase_kind_of(node if isinstance(node, dict) else {}))
             continue
         if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
             return None
@@ -113,7 +123,7 @@ def _loc_text(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
                 name = node[part].get("name")
                 label = f"[{part}]" + (f"({name})" if name else "")
             out.append(label)
-        elif part in ("function-after[_consistent()]", "function-after[_one_source()]"):
+        elif str(part).startswith("function-after["):
             continue
         else:
             out.append(("." if out else "") + str(part))
@@ -124,10 +134,17 @@ def _loc_text(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def _drop_kind_tag(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """pydantic puts the phase's kind (the union's tag) after `phases.<i>`: not a key of the user's data."""
+    if len(loc) > 2 and loc[0] == "phases" and isinstance(loc[1], int) and loc[2] in PHASE_CONFIGS:
+        return loc[:2] + loc[3:]
+    return loc
+
+
 def format_validation_error(err: ValidationError, raw: dict[str, Any], source: str) -> str:
     errors = []
     for e in err.errors():
-        errors.append((_real_loc(e["loc"], raw, missing=e["type"] == "missing"), e))
+        errors.append((_real_loc(_drop_kind_tag(e["loc"]), raw, missing=e["type"] == "missing"), e))
     # For a union, keep the errors of the member the user evidently meant (the deeper ones).
     errors = [(loc, e) for loc, e in errors
               if not any(len(o) > len(loc) and o[: len(loc)] == loc for o, _ in errors)]
@@ -135,17 +152,38 @@ def format_validation_error(err: ValidationError, raw: dict[str, Any], source: s
     for loc, e in errors:
         where = _loc_text(loc, raw) or "<top level>"
         if e["type"] == "extra_forbidden":
-            model = _model_at(loc)
+            model = _model_at(loc, raw)
             valid = sorted(model.model_fields) if model else []
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            lines.append(f"  {where}: unknown key.{hint} Valid keys here: {', '.join(valid)}")
+            owner = ""
+            if len(loc) == 3 and loc[0] == "phases" and model is not None:
+                kind = phase_kind_of(_at(raw, loc[:2]) or {})
+                others = [k for k, m in PHASE_CONFIGS.items() if loc[-1] in m.model_fields]
+                owner = (f" ({loc[-1]!r} is a key of {' and '.join(others)} phases, not of {kind} phases)"
+                         if others else "")
+            lines.append(f"  {where}: unknown key{owner}.{hint} Valid keys here: {', '.join(valid)}")
+        elif e["type"] == "union_tag_invalid":
+            tag = str(e["ctx"].get("tag", ""))
+            close = difflib.get_close_matches(tag, list(PHASE_CONFIGS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            lines.append(f"  {where}.kind: unknown phase kind {tag!r}.{hint} Kinds: {', '.join(PHASE_CONFIGS)}")
         elif e["type"] == "missing":
             lines.append(f"  {where}: required key is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"  {where}: {msg} (got {e.get('input')!r})" if e["type"] != "value_error" else f"  {where}: {msg}")
     return "\n".join(lines)
+
+
+def _at(raw: Any, loc: tuple[Any, ...]) -> Any:
+    node = raw
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
 
 
 def _real_loc(loc: tuple[Any, ...], raw: Any, missing: bool) -> tuple[Any, ...]:
@@ -185,18 +223,41 @@ def _inherit_default(raw: dict[str, Any], parts: list[str]) -> None:
         phase = phases[_child_key(phases, parts[1], ".".join(parts))]
     except ConfigError:
         return
-    if isinstance(phase, dict) and parts[2] not in phase and parts[2] in defaults:
+    keys = _kind_keys(phase)
+    if isinstance(phase, dict) and parts[2] not in phase and parts[2] in defaults and (keys is None or parts[2] in keys):
         phase[parts[2]] = copy.deepcopy(defaults[parts[2]])
 
 
+def _kind_keys(phase: Any) -> set[str] | None:
+    """The keys a phase's kind has (None for an unknown kind: validation names it)."""
+    model = PHASE_CONFIGS.get(phase_kind_of(phase)) if isinstance(phase, dict) else None
+    return set(model.model_fields) if model is not None else None
+
+
 def _merge_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """Each phase takes the `defaults:` keys its kind has (an export phase takes no `optim`)."""
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise ConfigError("defaults: must be a mapping of phase keys (e.g. {batch_size: 8, optim: {lr: 1e-3}})")
+    known = set().union(*(m.model_fields for m in PHASE_CONFIGS.values())) - {"name", "kind"}
+    unknown = [k for k in defaults if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"defaults.{unknown[0]}: no phase kind has this key.{hint} Phase keys: "
+                          f"{', '.join(sorted(known))}")
     phases = raw.get("phases")
     if isinstance(phases, list):
         raw = dict(raw)
-        raw["phases"] = [deep_merge(defaults, p) if isinstance(p, dict) else p for p in phases]
+        merged = []
+        for p in phases:
+            keys = _kind_keys(p)
+            if isinstance(p, dict):
+                own = {k: v for k, v in defaults.items() if keys is None or k in keys}
+                merged.append(deep_merge(own, p))
+            else:
+                merged.append(p)
+        raw["phases"] = merged
     return raw
 
 

@@ -7,9 +7,18 @@ block before validation (see `loader.py`), so the models here see a merged dict.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 
 class Strict(BaseModel):
@@ -116,40 +125,78 @@ def lower_is_better(metric: str) -> bool:
     return metric.rsplit("/", 1)[-1].lower().endswith(_LOWER_IS_BETTER)
 
 
-class PhaseConfig(Strict):
+class PhaseBase(Strict):
+    """Keys every phase kind has. Each kind is its own model with only its keys (see the subclasses);
+    `kind` picks the model, so a key of another kind is an unknown key."""
+
+    # What the kind does, for the engine (never branched on by name): a kind that trains weights is what
+    # `tracking.log_model`/`register_as` and sweeps act on; a kind whose model defaults to the model of
+    # the phase it loads (init_from) scores or transforms that phase's weights.
+    trains: ClassVar[bool] = False
+    model_from_source: ClassVar[bool] = False
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["train", "evaluate"] = Field(
-        "train", description="evaluate: metrics (and gates) of init_from's weights on `eval`, no training")
+    kind: str = "train"
     model: ModelConfig | None = None
-    train: list[TrainSource] = Field(default_factory=list)
+    init_from: str | InitFromConfig | None = None
+    scaling: ScalingConfig | None = None
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    @property
+    def init(self) -> InitFromConfig | None:
+        if isinstance(self.init_from, str):
+            return InitFromConfig(phase=self.init_from)
+        return self.init_from
+
+
+class ScoredPhase(PhaseBase):
+    """Keys of a phase that scores a dataset (`eval`) with metrics and losses."""
+
     eval: str | None = None
-    trainable: list[str] | Literal["all"] | None = None
-    freeze: list[str] | None = None
     losses: dict[str, float] = Field(default_factory=dict)
     metrics: list[str] = Field(default_factory=list)
-    transforms: list[TransformConfig] = Field(default_factory=list)
     eval_transforms: list[TransformConfig] = Field(default_factory=list)
+    batch_size: int = Field(8, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    cache_eval: bool = Field(True, description="keep the collated eval batches in worker memory")
+    gates: list[GateConfig] = Field(default_factory=list)
+    best_metric: str | None = Field(None, description="e.g. eval/si_sdri; default: eval/loss")
+    best_mode: Literal["min", "max"] | None = Field(
+        None, description="default: min for a loss or an error rate (cer, wer, ...), else max")
+
+    @property
+    def best(self) -> tuple[str, str]:
+        """(metric, mode) used to pick the phase's best checkpoint."""
+        metric = self.best_metric or ("eval/loss" if self.eval else "train/loss")
+        mode = self.best_mode or ("min" if lower_is_better(metric) else "max")
+        return metric, mode
+
+    @property
+    def scored_batch_size(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
+
+class TrainPhaseConfig(ScoredPhase):
+    """`train`: optimise the model on `train` datasets, evaluating on `eval`."""
+
+    trains: ClassVar[bool] = True
+
+    kind: Literal["train"] = "train"  # type: ignore[assignment]
+    train: list[TrainSource] = Field(default_factory=list)
+    trainable: list[str] | Literal["all"] | None = None
+    freeze: list[str] | None = None
+    transforms: list[TransformConfig] = Field(default_factory=list)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig())
     schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig())
     param_groups: list[ParamGroupConfig] = Field(default_factory=list)
-    batch_size: int = Field(8, ge=1)
-    eval_batch_size: int | None = Field(None, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_steps: int = Field(1000, ge=1)
     eval_every: int = Field(500, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(10, ge=1)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     grad_clip: float | None = Field(None, gt=0)
     max_bad_steps: int = Field(10, ge=1, description="abort after this many non-finite losses in a row")
-    cache_eval: bool = Field(True, description="keep the collated eval batches in worker memory")
     shuffle_buffer: int = Field(0, ge=0, description="rows reshuffled per epoch in a buffer; 0 = the seeded file order only")
-    init_from: str | InitFromConfig | None = None
-    gates: list[GateConfig] = Field(default_factory=list)
-    best_metric: str | None = Field(None, description="e.g. eval/si_sdri; default: eval/loss")
-    best_mode: Literal["min", "max"] | None = Field(
-        None, description="default: min for a loss or an error rate (cer, wer, ...), else max")
-    scaling: ScalingConfig | None = None
     fail_at_step: int | None = Field(None, ge=1, description="testing: rank 0 exits once at this step")
 
     @field_validator("train", mode="before")
@@ -172,35 +219,160 @@ class PhaseConfig(Strict):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> PhaseConfig:
+    def _consistent(self) -> TrainPhaseConfig:
         if self.trainable is not None and self.freeze is not None:
             raise ValueError("set either 'trainable' or 'freeze', not both")
-        if self.kind == "evaluate":
-            if not self.eval:
-                raise ValueError("an evaluate phase needs 'eval': the dataset to score")
-            if self.init_from is None:
-                raise ValueError("an evaluate phase needs 'init_from': the phase (or checkpoint path) to score")
-            if not self.metrics and not self.losses:
-                raise ValueError("an evaluate phase needs 'metrics' (e.g. [cer, wer]) or 'losses'")
-            return self
         if not self.losses:
-            raise ValueError("a train phase needs 'losses' (name: weight), e.g. {si_sdr_pit: 1.0}")
+            raise ValueError(f"a {self.kind} phase needs 'losses' (name: weight), e.g. {{si_sdr_pit: 1.0}}")
         if not self.train:
-            raise ValueError("a train phase needs 'train': the datasets to train on")
+            raise ValueError(f"a {self.kind} phase needs 'train': the datasets to train on")
         return self
 
-    @property
-    def init(self) -> InitFromConfig | None:
-        if isinstance(self.init_from, str):
-            return InitFromConfig(phase=self.init_from)
-        return self.init_from
 
-    @property
-    def best(self) -> tuple[str, str]:
-        """(metric, mode) used to pick the phase's best checkpoint."""
-        metric = self.best_metric or ("eval/loss" if self.eval else "train/loss")
-        mode = self.best_mode or ("min" if lower_is_better(metric) else "max")
-        return metric, mode
+class EvaluatePhaseConfig(ScoredPhase):
+    """`evaluate`: metrics (and gates) of init_from's weights on `eval`, no training."""
+
+    model_from_source: ClassVar[bool] = True
+
+    kind: Literal["evaluate"] = "evaluate"  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvaluatePhaseConfig:
+        if not self.eval:
+            raise ValueError("an evaluate phase needs 'eval': the dataset to score")
+        if self.init_from is None:
+            raise ValueError("an evaluate phase needs 'init_from': the phase (or checkpoint path) to score")
+        if not self.metrics and not self.losses:
+            raise ValueError("an evaluate phase needs 'metrics' (e.g. [cer, wer]) or 'losses'")
+        return self
+
+
+class TeacherConfig(Strict):
+    """The frozen model a `distill` phase learns from: an earlier phase's weights or a checkpoint file."""
+
+    phase: str | None = None
+    path: str | None = None
+    checkpoint: Literal["best", "last"] = "best"
+    model: ModelConfig | None = Field(None, description="default: the model of `phase`; required with `path`")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if (self.phase is None) == (self.path is None):
+            raise ValueError("teacher needs exactly one of 'phase' (an earlier phase's name) or 'path' "
+                             "(with 'model')")
+        if self.path is not None and self.model is None:
+            raise ValueError("teacher: a checkpoint 'path' needs 'model' (name and args of the teacher)")
+        return self
+
+
+class DistillPhaseConfig(TrainPhaseConfig):
+    """`distill`: a student (`model`, `init_from`) trains on its losses, which also receive the outputs of
+    a frozen `teacher` on the same batch."""
+
+    kind: Literal["distill"] = "distill"  # type: ignore[assignment]
+    teacher: TeacherConfig | None = None
+
+    @model_validator(mode="after")
+    def _has_teacher(self) -> DistillPhaseConfig:
+        if self.teacher is None:
+            raise ValueError("a distill phase needs 'teacher': {phase: <an earlier phase>} or {path: <model.pt>, "
+                             "model: {name: ..., args: {...}}}")
+        return self
+
+
+class ColumnDecl(Strict):
+    """A column a `cache` phase writes: which model output it holds and its role in the dataset."""
+
+    output: str | None = Field(None, description="the model output key (default: the column's name)")
+    role: Literal["features", "tokens", "audio", "label"] = "features"
+    frame_rate: float | None = Field(None, gt=0, description="frames per second (features, tokens)")
+    dims: int | None = Field(None, ge=1, description="values per frame (features); default: the model's output's")
+    sample_rate: int | None = Field(None, gt=0, description="audio")
+    dtype: str = "float32"
+
+
+class CachePhaseConfig(PhaseBase):
+    """`cache`: run a frozen model over datasets (Ray Data, an actor pool) and write its outputs as new
+    datasets that later phases name like any `data:` entry."""
+
+    model_from_source: ClassVar[bool] = True
+
+    kind: Literal["cache"] = "cache"  # type: ignore[assignment]
+    datasets: dict[str, str] = Field(description="source dataset -> name of the dataset this phase writes")
+    columns: dict[str, ColumnDecl] = Field(description="column written -> model output and role")
+    carry: list[str] = Field(default_factory=list, description="source columns copied beside the outputs")
+    eval_transforms: list[TransformConfig] = Field(default_factory=list)
+    batch_size: int = Field(8, ge=1)
+    cache_dir: str = Field("data/cache", description="folder of cached datasets (one subfolder per cache key)")
+    rows_per_shard: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CachePhaseConfig:
+        if self.init_from is None:
+            raise ValueError("a cache phase needs 'init_from': the phase (or checkpoint path) whose model it runs")
+        if not self.datasets:
+            raise ValueError("a cache phase needs 'datasets': {source dataset: name of the cached dataset}")
+        if not self.columns:
+            raise ValueError("a cache phase needs 'columns': {column: {output: <model output key>, role: ...}}")
+        return self
+
+
+ExportFormat = Literal["onnx", "torchscript"]
+
+
+class ExportPhaseConfig(ScoredPhase):
+    """`export`: a phase's weights to ONNX (and TorchScript), optionally int8, checked against torch on `eval`
+    batches; no Ray Train."""
+
+    model_from_source: ClassVar[bool] = True
+
+    kind: Literal["export"] = "export"  # type: ignore[assignment]
+    formats: list[ExportFormat] = Field(default_factory=lambda: list[ExportFormat](["onnx"]))
+    int8: bool = Field(False, description="also write a dynamically quantised int8 ONNX model (onnxruntime)")
+    tolerance: dict[str, float] = Field(
+        default_factory=lambda: {"fp32": 1e-4, "int8": 0.5, "torchscript": 1e-5},
+        description="max abs difference against torch on the eval batches; over it, the phase fails")
+    parity_batches: int = Field(4, ge=1, description="eval batches compared against torch and timed (RTF)")
+    threads: int = Field(1, ge=1, description="CPU threads for torch and onnxruntime when timing")
+
+    @field_validator("tolerance")
+    @classmethod
+    def _precisions(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - {"fp32", "int8", "torchscript"})
+        if unknown:
+            raise ValueError(f"tolerance: unknown precision(s) {unknown}; use fp32, int8, torchscript")
+        return {"fp32": 1e-4, "int8": 0.5, "torchscript": 1e-5, **value}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExportPhaseConfig:
+        if self.init_from is None:
+            raise ValueError("an export phase needs 'init_from': the phase (or checkpoint path) to export")
+        if not self.eval:
+            raise ValueError("an export phase needs 'eval': the dataset whose batches check parity")
+        return self
+
+
+PHASE_CONFIGS: dict[str, type[PhaseBase]] = {
+    "train": TrainPhaseConfig, "evaluate": EvaluatePhaseConfig, "distill": DistillPhaseConfig,
+    "cache": CachePhaseConfig, "export": ExportPhaseConfig,
+}
+
+AnyPhase = TrainPhaseConfig | EvaluatePhaseConfig | DistillPhaseConfig | CachePhaseConfig | ExportPhaseConfig
+
+
+def phase_kind_of(value: Any) -> str:
+    """The `kind` of a phase (a dict from YAML or a model); `train` when unset."""
+    if isinstance(value, dict):
+        return str(value.get("kind", "train"))
+    return str(getattr(value, "kind", "train"))
+
+
+PhaseConfig = Annotated[
+    Annotated[TrainPhaseConfig, Tag("train")] | Annotated[EvaluatePhaseConfig, Tag("evaluate")]
+    | Annotated[DistillPhaseConfig, Tag("distill")] | Annotated[CachePhaseConfig, Tag("cache")]
+    | Annotated[ExportPhaseConfig, Tag("export")],
+    Discriminator(phase_kind_of),
+]
 
 
 class TrackingConfig(Strict):
@@ -246,27 +418,41 @@ class PipelineConfig(Strict):
     phases: list[PhaseConfig] = Field(min_length=1)
     _raw: dict[str, Any] | None = PrivateAttr(None)  # the YAML before defaults were merged (sweeps)
 
-    def phase(self, name: str) -> PhaseConfig:
+    def phase(self, name: str) -> AnyPhase:
         for p in self.phases:
             if p.name == name:
                 return p
         raise KeyError(f"no phase named {name!r}; phases: {[p.name for p in self.phases]}")
 
     def final_train_phase(self) -> str | None:
-        """The name of the last `train` phase (whose model `tracking.register_as` registers), if any."""
-        return next((p.name for p in reversed(self.phases) if p.kind == "train"), None)
+        """The name of the last phase that trains weights (whose model `tracking.register_as` registers)."""
+        return next((p.name for p in reversed(self.phases) if p.trains), None)
 
-    def phase_model(self, phase: PhaseConfig) -> ModelConfig:
-        """The phase's own model, else (an evaluate phase) the model of the phase it scores, else the
-        pipeline's."""
+    def phase_model(self, phase: PhaseBase) -> ModelConfig:
+        """The phase's own model, else (a kind that scores, exports or runs another phase's weights) the model
+        of the phase it loads, else the pipeline's."""
         if phase.model is not None:
             return phase.model
         init = phase.init
-        if phase.kind == "evaluate" and init is not None and init.phase is not None and init.phase != phase.name:
+        if phase.model_from_source and init is not None and init.phase is not None and init.phase != phase.name:
             source = next((p for p in self.phases if p.name == init.phase), None)
             if source is not None:
                 return self.phase_model(source)
         return self.model
 
-    def phase_scaling(self, phase: PhaseConfig) -> ScalingConfig:
+    def teacher_model(self, teacher: TeacherConfig) -> ModelConfig:
+        """The model of a distill phase's teacher: its own `model`, else that of the phase it names."""
+        if teacher.model is not None:
+            return teacher.model
+        source = next((p for p in self.phases if p.name == teacher.phase), None)
+        return self.phase_model(source) if source is not None else self.model
+
+    def trained_phase(self, name: str) -> TrainPhaseConfig:
+        """The phase `name`, which must be one that trains (train, distill): what sweeps act on."""
+        phase = self.phase(name)
+        if not isinstance(phase, TrainPhaseConfig):
+            raise KeyError(f"phase {name!r} is a {phase.kind} phase, which trains nothing")
+        return phase
+
+    def phase_scaling(self, phase: PhaseBase) -> ScalingConfig:
         return phase.scaling or self.scaling

@@ -3,15 +3,20 @@
 Ray Data hands variable-length columns to the collate function as object arrays of
 numpy arrays. ``pad_collate`` right-zero-pads those into one preallocated array and
 records the valid lengths, turns fixed-shape numeric columns into tensors, and drops
-columns that cannot become tensors (strings, bytes, ``None``, dates).
+columns that cannot become tensors (strings, bytes, ``None``, dates). Every column pads along
+its first axis, which is time for every time role (audio ``(T,)``, video ``(T, H, W, C)``,
+tokens ``(T,)``, feature frames ``(T, dims)``); given the dataset's column roles, each time
+column present gets its lengths even when all rows have the same length.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
+
+from datasets_prep.columns import ColumnSpec
 
 _LENGTHS = "lengths"
 _MAIN_AUDIO = ("audio", "mix")
@@ -43,14 +48,22 @@ def _pad(rows: list[np.ndarray], key: str) -> tuple[np.ndarray, np.ndarray]:
     return out, lengths
 
 
-def _lengths_key(key: str, taken: Iterable[str]) -> str:
-    if key in _MAIN_AUDIO and _LENGTHS not in taken:
+def _lengths_key(key: str, taken: Iterable[str], main: str | None = None) -> str:
+    if (key in _MAIN_AUDIO or key == main) and _LENGTHS not in taken:
         return _LENGTHS
     return f"{key}_lengths"
 
 
+def main_audio(batch: Mapping[str, object], columns: Mapping[str, ColumnSpec] | None) -> str | None:
+    """The column whose lengths are ``lengths``: ``audio`` or ``mix``, else the first audio-role column."""
+    if any(k in batch for k in _MAIN_AUDIO):
+        return None
+    return next((n for n, s in (columns or {}).items() if s.role == "audio" and n in batch), None)
+
+
 def pad_collate(
-    batch: dict[str, np.ndarray], *, audio_keys: Iterable[str] | None = None
+    batch: dict[str, np.ndarray], *, audio_keys: Iterable[str] | None = None,
+    columns: Mapping[str, ColumnSpec] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Collate a Ray Data numpy batch into tensors.
 
@@ -62,12 +75,19 @@ def pad_collate(
     - Other columns (strings, bytes, ``None``, dates) are dropped: they cannot become tensors.
 
     ``audio_keys`` names columns that must be present and always get lengths, even
-    when every row has the same length and Ray delivers a fixed-shape array.
+    when every row has the same length and Ray delivers a fixed-shape array. ``columns`` (the
+    dataset's roles) does so for the time columns present whose lengths the batch does not
+    already hold (a transform's), and names the main audio column when it is not ``audio``/``mix``.
     """
     wanted = set(audio_keys or ())
     missing = wanted - set(batch)
     if missing:
         raise KeyError(f"pad_collate: audio_keys {sorted(missing)} not in batch columns {sorted(batch)}")
+    main = main_audio(batch, columns)
+    for name, spec in (columns or {}).items():
+        own = _LENGTHS if name in _MAIN_AUDIO or name == main else f"{name}_lengths"
+        if spec.is_time and name in batch and own not in batch:
+            wanted.add(name)
     out: dict[str, torch.Tensor] = {}
     for key, column in batch.items():
         column = np.asarray(column)
@@ -84,5 +104,5 @@ def pad_collate(
                 continue
             lengths = np.full(len(values), values.shape[1] if values.ndim > 1 else 1, dtype=np.int64)
         out[key] = torch.from_numpy(values)
-        out[_lengths_key(key, [*batch, *out])] = torch.from_numpy(lengths)
+        out[_lengths_key(key, [*batch, *out], main)] = torch.from_numpy(lengths)
     return out

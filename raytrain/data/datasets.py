@@ -1,11 +1,13 @@
 """Shard folders -> Ray Datasets for a phase (driver side).
 
-A dataset is a folder with `_manifest.json` written by `datasets_prep`. Only the
-columns training needs are read, one read task (one block) per shard file. Audio stays
-in its stored bytes (PCM16, FLAC or float32) through Ray Data and is decoded in the
-worker's collate (`raytrain.data.stream.Collate`, one `np.frombuffer` for PCM16): a
-decode stage in Ray Data would push every waveform through the object store as a
-pickled float32 array, twice the bytes of PCM16, and measured 3x slower here.
+A dataset is a folder with `_manifest.json` written by `datasets_prep`; its columns and their
+roles are `datasets_prep.columns.manifest_columns`. Only the columns a phase asks for are read
+(`columns=`, see `raytrain.needs.needed_columns`; all of them without a list), one read task
+(one block) per shard file. Audio, video frames, tokens and feature frames stay in their
+stored bytes through Ray Data and are decoded by role in the worker's collate
+(`raytrain.data.stream.Collate`, one `np.frombuffer` each): a decode stage in Ray Data would
+push every waveform through the object store as a pickled float32 array, twice the bytes of
+PCM16, and measured 3x slower here.
 
 Small datasets (their stored audio fits in a quarter of Ray's object store, or
 `cache: memory`) are read once per phase and held in the object store
@@ -28,14 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from datasets_prep.shards import decode_audio, read_manifest
+from datasets_prep.codecs import decode_array, decode_audio
+from datasets_prep.columns import ARRAY_ROLES, ColumnSpec, companions, manifest_columns
+from datasets_prep.manifest import read_manifest
+from raytrain.data.columns import missing_columns, resolve_columns, specs_of
 
 CACHE_FRACTION = 0.25  # cache: auto holds a dataset in memory when it needs at most this share of the store
 PASS_ROWS = 20_000  # a streamed train dataset is read in passes of at least this many rows (whole epochs)
 MAX_EPOCHS_PER_PASS = 32
 
-SPEECH_COLUMNS = ["id", "speaker", "audio", "text", "phonemes"]  # those a dataset has
-MIXTURE_COLUMNS = ["id", "mix", "s1", "s2"]
 
 
 def resolve(path: str, base: Path | None = None) -> str:
@@ -54,28 +57,78 @@ def dataset_info(path: str) -> dict[str, Any] | None:
         return None
 
 
-def _columns(manifest: dict[str, Any]) -> list[str]:
-    wanted = MIXTURE_COLUMNS if manifest["kind"] == "mixtures" else SPEECH_COLUMNS
-    return [c for c in wanted if c in manifest["columns"]]
+def read_columns(manifest: dict[str, Any], columns: list[str] | None = None, where: str = "") -> list[str]:
+    """The columns of a dataset to read for `columns` (None: all of them), in stored order, with the
+    `id` column (batch keys of seeded transforms, the order of held rows) and each column's companions.
+    A group key (`sources`) reads its columns (`s1`, `s2`, ...); a column the dataset lacks is an error."""
+    specs = manifest_columns(manifest)
+    if columns is None:
+        wanted = set(specs)
+    else:
+        stored_beside = {c for n, s in specs.items() for c in companions(n, s)}
+        columns = [c for c in columns if c not in stored_beside]
+        missing = missing_columns(columns, specs)
+        if missing:
+            raise ValueError(f"dataset {where or '(manifest)'} has no column {', '.join(map(repr, missing))}; "
+                             f"it has {', '.join(specs)}")
+        wanted = set(resolve_columns(columns, specs)) | ({"id"} & set(specs))
+    return [c for name in specs if name in wanted for c in (name, *companions(name, specs[name]))]
 
 
-def audio_spec(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What the collate needs to decode a dataset's audio: its audio columns and their format."""
-    return {"columns": list(manifest["audio_columns"]), "format": manifest.get("audio_format", "pcm_s16le")}
+def audio_spec(manifest: dict[str, Any], columns: list[str] | None = None) -> dict[str, Any]:
+    """What the collate needs to decode a dataset's columns: its audio columns and their format and, when
+    the manifest gives them, the roles of the columns read (`columns`: stored names, default all)."""
+    spec: dict[str, Any] = {"columns": [c for c in manifest["audio_columns"] if columns is None or c in columns],
+                            "format": manifest.get("audio_format", "pcm_s16le")}
+    try:
+        roles = manifest_columns(manifest)
+    except (KeyError, ValueError, TypeError):  # a partial manifest (tests, tools): audio only
+        return spec
+    if any(roles.get(c) is None or roles[c].role != "audio" for c in manifest["audio_columns"]):
+        return spec
+    spec["roles"] = {n: s.to_json() for n, s in roles.items() if columns is None or n in columns}
+    return spec
+
+
+def _decode(spec: ColumnSpec, values: np.ndarray, batch: dict[str, np.ndarray], name: str) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    shapes, dtypes = batch.get(f"{name}_shape"), batch.get(f"{name}_dtype")
+    for i, raw in enumerate(values):
+        if raw is None:
+            out[i] = None
+        elif spec.role == "audio":
+            out[i] = decode_audio(raw, str(spec.format))
+        else:
+            out[i] = decode_array(spec, raw, None if shapes is None else shapes[i],
+                                  None if dtypes is None else dtypes[i])
+    return out
 
 
 def decode_columns(batch: dict[str, np.ndarray], spec: dict[str, Any] | None) -> dict[str, np.ndarray]:
-    """Stored audio bytes -> object arrays of float32 (T,) waveforms, in place; other columns untouched."""
+    """Stored bytes -> object arrays of arrays, in place, by role: audio float32 (T,), video uint8
+    (T, H, W, C), tokens and features (T, ...) of their dtype; companion columns are dropped, other
+    columns untouched. A spec without roles (`audio_spec` of a partial manifest) decodes its audio."""
     if not spec:
         return batch
-    for col in spec["columns"]:
+    if "roles" not in spec:
+        for col in spec["columns"]:
+            values = batch.get(col)
+            if values is None or not len(values) or not isinstance(values[0], bytes):
+                continue
+            out = np.empty(len(values), dtype=object)
+            for i, raw in enumerate(values):
+                out[i] = decode_audio(raw, spec["format"])
+            batch[col] = out
+        return batch
+    for col, s in specs_of(spec["roles"]).items():
         values = batch.get(col)
-        if values is None or not len(values) or not isinstance(values[0], bytes):
+        if s.role not in ("audio", *ARRAY_ROLES) or values is None or not len(values):
             continue
-        out = np.empty(len(values), dtype=object)
-        for i, raw in enumerate(values):
-            out[i] = decode_audio(raw, spec["format"])
-        batch[col] = out
+        first = next((v for v in values if v is not None), None)
+        if isinstance(first, bytes):
+            batch[col] = _decode(s, values, batch, col)
+        for c in companions(col, s):
+            batch.pop(c, None)
     return batch
 
 
@@ -95,9 +148,10 @@ def epochs_per_pass(manifest: dict[str, Any]) -> int:
 
 
 def read_dataset(path: str, manifest: dict[str, Any] | None = None, shuffle_seed: int | None = None,
-                 epochs: int = 1) -> Any:
-    """A streaming Ray Dataset of a shard folder's training columns, `epochs` times over (one block per
-    shard and epoch, see `raytrain.data.shard_source`; `manifest`: the folder's, if already read).
+                 epochs: int = 1, columns: list[str] | None = None) -> Any:
+    """A streaming Ray Dataset of a shard folder's `columns` (see `read_columns`; None: all), `epochs`
+    times over (one block per shard and epoch, see `raytrain.data.shard_source`; `manifest`: the
+    folder's, if already read).
 
     `shuffle_seed`: each epoch reads the shard files in an order drawn from (seed, epoch), the same
     in every pass (a resumed run must read what the uninterrupted one read); the phase's
@@ -114,58 +168,82 @@ def read_dataset(path: str, manifest: dict[str, Any] | None = None, shuffle_seed
     fs, root = filesystem(path)
     files = [f"{root.rstrip('/')}/{sh['file']}" for sh in manifest["shards"]]
     rows = [int(sh["rows"]) for sh in manifest["shards"]]
-    source = ShardFiles(fs, files, rows, _columns(manifest), shard_orders(len(files), shuffle_seed, epochs),
-                        held_bytes(manifest) / max(1, sum(rows)))
+    names = read_columns(manifest, columns, path)
+    source = ShardFiles(fs, files, rows, names, shard_orders(len(files), shuffle_seed, epochs),
+                        held_bytes(manifest, names) / max(1, sum(rows)))
     return ray.data.read_datasource(source, override_num_blocks=len(source.tasks))
 
 
-def held_bytes(manifest: dict[str, Any]) -> int:
-    """Bytes of a shard folder's audio as stored (what the object store holds for it): 2 per sample for
-    PCM16 (and as an upper bound for FLAC), 4 for float32."""
-    samples = float(manifest.get("hours", 0.0)) * 3600 * int(manifest.get("sample_rate") or 0)
+def _bytes_per_second(spec: ColumnSpec) -> float:
+    """Stored bytes per second of a time column (PCM16 also stands for FLAC, as an upper bound)."""
+    rate = float(spec.time_rate() or 0.0)
+    if spec.role == "audio":
+        return rate * (4 if spec.format == "f32le" else 2)
+    if spec.dtype is None:
+        return 0.0
+    return rate * float(np.prod(spec.frame_shape(), dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+
+
+def held_bytes(manifest: dict[str, Any], columns: list[str] | None = None) -> int:
+    """Bytes of a shard folder's time columns as stored (what the object store holds for it), of `columns`
+    only when given: 2 per sample for PCM16 (and as an upper bound for FLAC), 4 for float32; video frames,
+    tokens and feature frames at their rate and size. An old manifest (no roles) counts its audio."""
+    seconds = float(manifest.get("hours", 0.0)) * 3600
+    if manifest.get("roles"):
+        specs = manifest_columns(manifest)
+        return int(seconds * sum(_bytes_per_second(s) for n, s in specs.items() if columns is None or n in columns))
+    samples = seconds * int(manifest.get("sample_rate") or 0)
     per_sample = 4 if manifest.get("audio_format") == "f32le" else 2
-    return int(samples * per_sample * max(1, len(manifest.get("audio_columns", []))))
+    audio = [c for c in manifest.get("audio_columns", []) if columns is None or c in columns]
+    return int(samples * per_sample * max(1, len(audio)))
 
 
-def should_cache(cache: str, manifest: dict[str, Any], store_bytes: float) -> bool:
+def should_cache(cache: str, manifest: dict[str, Any], store_bytes: float, columns: list[str] | None = None) -> bool:
     """`cache: memory|stream` decide; `auto` caches when the stored audio fits a quarter of the store."""
     if cache != "auto":
         return cache == "memory"
-    return held_bytes(manifest) <= CACHE_FRACTION * store_bytes
+    return held_bytes(manifest, columns) <= CACHE_FRACTION * store_bytes
 
 
 def open_dataset(name: str, path: str, cache: str = "auto", shuffle_seed: int | None = None,
-                 passes: bool = False) -> tuple[Any, bool, dict[str, Any]]:
-    """(`read_dataset`, materialized in the object store when `should_cache` says so; whether it was;
-    its `audio_spec`). `passes`: a streamed dataset spans `epochs_per_pass` epochs (train datasets),
-    which its spec says under that key."""
+                 passes: bool = False, columns: list[str] | None = None) -> tuple[Any, bool, dict[str, Any]]:
+    """(`read_dataset` of `columns` (None: all), materialized in the object store when `should_cache` says
+    so; whether it was; its `audio_spec`). `passes`: a streamed dataset spans `epochs_per_pass` epochs
+    (train datasets), which its spec says under that key."""
     import ray
 
     manifest = read_manifest(path)
+    names = read_columns(manifest, columns, f"{name!r} ({path})")
     store = float(ray.available_resources().get("object_store_memory", 0.0))
-    if not should_cache(cache, manifest, store):
+    if not should_cache(cache, manifest, store, names):
         epochs = epochs_per_pass(manifest) if passes else 1
-        spec = {**audio_spec(manifest), "epochs_per_pass": epochs}
-        return read_dataset(path, manifest, shuffle_seed, epochs), False, spec
+        spec = {**audio_spec(manifest, names), "epochs_per_pass": epochs}
+        return read_dataset(path, manifest, shuffle_seed, epochs, names), False, spec
     t0 = time.perf_counter()
-    ds = read_dataset(path, manifest, shuffle_seed).materialize()
-    print(f"data {name}: read once, {held_bytes(manifest) / 1e6:.0f} MB held in memory "
+    ds = read_dataset(path, manifest, shuffle_seed, columns=names).materialize()
+    print(f"data {name}: read once, {held_bytes(manifest, names) / 1e6:.0f} MB held in memory "
           f"({time.perf_counter() - t0:.1f} s)")
-    return ds, True, audio_spec(manifest)
+    return ds, True, audio_spec(manifest, names)
 
 
 def phase_datasets(data: dict[str, tuple[str, str]], train: list[str], eval_name: str | None,
-                   seed: int = 0) -> tuple[dict[str, Any], list[str], dict[str, dict[str, Any]]]:
+                   seed: int = 0, columns: dict[str, list[str] | None] | None = None
+                   ) -> tuple[dict[str, Any], list[str], dict[str, dict[str, Any]]]:
     """(`{"train:<name>": ds, ..., "eval": ds}`, the train datasets held in memory, each dataset's
     `audio_spec` under the same keys) for a phase; `data` maps names to (resolved folder, cache).
-    Train datasets read their files in a seeded order."""
+    Train datasets read their files in a seeded order.
+
+    `columns`: the columns to read, by dataset name or by key (`"train:<name>"`, `"eval"`: a dataset
+    read for both with different needs); a dataset absent or mapped to None reads all its columns."""
+    columns = columns or {}
     out, held, specs = {}, [], {}
     for k, name in enumerate(train):
         key = f"train:{name}"
         out[key], cached, specs[key] = open_dataset(name, *data[name], shuffle_seed=(seed * 1_000_003 + k) % 2**32,
-                                                    passes=True)
+                                                    passes=True, columns=columns.get(key, columns.get(name)))
         if cached:
             held.append(name)
     if eval_name:
-        out["eval"], _, specs["eval"] = open_dataset(eval_name, *data[eval_name])
+        out["eval"], _, specs["eval"] = open_dataset(eval_name, *data[eval_name],
+                                                     columns=columns.get("eval", columns.get(eval_name)))
     return out, held, specs

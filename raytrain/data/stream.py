@@ -24,8 +24,9 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from raytrain.data.collate import pad_collate
+from raytrain.data.columns import specs_of
 from raytrain.data.datasets import decode_columns
-from raytrain.data.transforms import TRANSFORMS
+from raytrain.data.transforms import TRANSFORMS, call_transform, takes_specs
 
 
 def build_transforms(specs: list[dict[str, Any]], sample_rate: int, seed: int) -> list[Any]:
@@ -45,19 +46,22 @@ def to_model_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class Collate(NumpyBatchCollateFn):
-    """numpy batch -> stored audio decoded (`audio`: a dataset's `audio_spec`) -> transforms (with the
-    epoch) -> padded tensors. Runs in Ray Data's prefetch thread, so it stays in numpy."""
+    """numpy batch -> stored columns decoded by role (`audio`: a dataset's `audio_spec`) -> transforms
+    (with the epoch, and the dataset's column specs to those that take them) -> padded tensors, with
+    lengths for each time column. Runs in Ray Data's prefetch thread, so it stays in numpy."""
 
     def __init__(self, transforms: list[Any], epoch: int, audio: dict[str, Any] | None = None) -> None:
         self.transforms = transforms
         self.epoch = epoch
-        self.audio = audio
+        self.specs = specs_of(audio["roles"]) if audio and "roles" in audio else None
+        self.audio = {**audio, "roles": self.specs} if audio and self.specs is not None else audio
+        self.with_specs = [takes_specs(t) for t in transforms]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:  # type: ignore[override]
         batch = decode_columns(batch, self.audio)
-        for t in self.transforms:
-            batch = t(batch, epoch=self.epoch)
-        return to_model_batch(pad_collate(batch))
+        for t, with_specs in zip(self.transforms, self.with_specs, strict=True):
+            batch = call_transform(t, batch, self.epoch, self.specs, with_specs)
+        return to_model_batch(pad_collate(batch, columns=self.specs))
 
 
 def _copy_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ turned into another character). The phoneme vocabulary covers espeak-ng's ASCII 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,14 @@ class CTCTargets:
 
     A row whose transcript has no token left is an error naming the row: CTC cannot learn from it.
     """
+
+    reads: tuple[str, ...] = ()
+
+    @staticmethod
+    def makes(args: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+        """Each target from its transcript column (needed only when the target is)."""
+        return {"asr_targets": (args.get("text_column", "text"),),
+                "phone_targets": (args.get("phone_column", "phonemes"),)}
 
     def __init__(self, chars: str = CHARS, phones: str = PHONES, text_column: str = "text",
                  phone_column: str = "phonemes", *, sample_rate: int, seed: int) -> None:

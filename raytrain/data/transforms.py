@@ -3,7 +3,13 @@
 A transform is a class built as ``T(**args, sample_rate=int, seed=int)`` whose
 ``__call__(batch, epoch=0)`` maps a ``dict[str, np.ndarray]`` as
 ``map_batches(batch_format="numpy")`` gives it, where variable-length audio is an
-object array of 1-D float32 arrays, to a new numpy batch.
+object array of 1-D float32 arrays, to a new numpy batch. A transform whose ``__call__`` also
+takes ``specs`` gets the ``{column: ColumnSpec}`` of the batch's dataset (roles, rates, shapes;
+see ``datasets_prep.columns``) with every batch: ``call_transform`` does the calling.
+
+Each declares the batch keys it ``reads`` (always needed) and ``makes`` (``{key: keys it is made
+from}``), so a phase reads only the columns it needs (``raytrain.needs.needed_columns``); a
+transform without either may make any key, and the phase then reads every column.
 
 Randomness is reproducible per batch: each call seeds a fresh
 ``numpy.random.Generator`` from ``(seed, epoch, batch key)``. The batch key is a
@@ -16,10 +22,11 @@ one as long as batches are formed the same way (deterministic block order, same
 
 from __future__ import annotations
 
+import inspect
 import logging
 import zlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -29,6 +36,22 @@ TRANSFORMS: Registry[Any] = Registry("transform")
 log = logging.getLogger(__name__)
 
 NumpyBatch = dict[str, np.ndarray]
+
+
+def takes_specs(transform: Any) -> bool:
+    """Whether ``transform(batch, epoch=..., specs=...)`` is the way to call it (it names ``specs``)."""
+    try:
+        return "specs" in inspect.signature(transform).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def call_transform(transform: Any, batch: NumpyBatch, epoch: int, specs: Mapping[str, Any] | None,
+                   with_specs: bool | None = None) -> NumpyBatch:
+    """``transform(batch, epoch=epoch)``, with ``specs=`` when it takes them (``with_specs``: known already)."""
+    if with_specs if with_specs is not None else takes_specs(transform):
+        return transform(batch, epoch=epoch, specs=specs)  # type: ignore[no-any-return]
+    return transform(batch, epoch=epoch)  # type: ignore[no-any-return]
 
 
 def batch_rng(batch: NumpyBatch, seed: int, epoch: int, lengths: np.ndarray) -> np.random.Generator:
@@ -83,6 +106,9 @@ class DynamicMix:
     in ``gain_db`` dB; sources and mix are then scaled together so that no sample of
     either exceeds 0.9 in magnitude. Other columns are dropped.
     """
+
+    reads: ClassVar[tuple[str, ...]] = ("audio", "speaker")
+    makes: ClassVar[dict[str, tuple[str, ...]]] = {"mix": (), "sources": (), "lengths": ()}
 
     def __init__(
         self,
@@ -166,8 +192,11 @@ class Crop:
 
     Replaces ``"audio"`` with ``(N, T)`` float32, ``T = round(seconds * sample_rate)``,
     zero-padding shorter utterances, and adds ``"lengths"`` ``(N,)`` int64. Other
-    columns pass through.
+    columns pass through (``aligned_crop`` crops every time column of a row together).
     """
+
+    reads: ClassVar[tuple[str, ...]] = ("audio",)
+    makes: ClassVar[dict[str, tuple[str, ...]]] = {"audio": ("audio",), "lengths": ()}
 
     def __init__(self, seconds: float = 1.0, *, sample_rate: int, seed: int = 0) -> None:
         self.num_samples = _num_samples(seconds, sample_rate)
@@ -184,4 +213,5 @@ class Crop:
         return {**batch, "audio": out, "lengths": lengths}
 
 
+from raytrain.data import aligned as _aligned  # noqa: E402,F401  registers aligned_crop
 from raytrain.data import text as _text  # noqa: E402,F401  registers ctc_targets

@@ -12,15 +12,18 @@ from collections.abc import Callable
 from torch import Tensor
 
 from raytrain.losses.asr import asr_ctc, phone_ctc
+from raytrain.losses.distill import distill_mse, distill_si_sdr_pit
 from raytrain.losses.separation import si_sdr_pit
 from raytrain.registry import Registry
 
-LossFn = Callable[[dict[str, Tensor], dict[str, Tensor]], Tensor]
+LossFn = Callable[..., Tensor]  # (outputs, batch) -> scalar; distill losses also take `teacher`
 
 LOSSES: Registry[LossFn] = Registry("loss")
 LOSSES.register("si_sdr_pit")(si_sdr_pit)
 LOSSES.register("separation")(si_sdr_pit)
 LOSSES.register("asr_ctc")(asr_ctc)
 LOSSES.register("phone_ctc")(phone_ctc)
+LOSSES.register("distill_si_sdr_pit")(distill_si_sdr_pit)
+LOSSES.register("distill_mse")(distill_mse)
 
-__all__ = ["LOSSES", "LossFn", "asr_ctc", "phone_ctc", "si_sdr_pit"]
+__all__ = ["LOSSES", "LossFn", "asr_ctc", "distill_mse", "distill_si_sdr_pit", "phone_ctc", "si_sdr_pit"]

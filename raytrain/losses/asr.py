@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from raytrain.data.columns import reads_keys
+
 
 def _ctc(head: str, targets: str, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
     if targets not in batch:
@@ -22,11 +24,13 @@ def _ctc(head: str, targets: str, outputs: dict[str, Tensor], batch: dict[str, T
                       reduction="mean", zero_infinity=True)
 
 
+@reads_keys("asr_targets")
 def asr_ctc(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
     """Character CTC loss."""
     return _ctc("asr_ctc", "asr_targets", outputs, batch)
 
 
+@reads_keys("phone_targets")
 def phone_ctc(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
     """Phoneme CTC loss."""
     return _ctc("phone_ctc", "phone_targets", outputs, batch)

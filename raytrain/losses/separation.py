@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from raytrain.data.columns import reads_keys
 from raytrain.metrics.separation import pit_si_sdr
 
 
+@reads_keys("sources")
 def si_sdr_pit(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
     """Scalar loss: ``-mean_b max_perm mean_src SI-SDR(est, ref)`` in dB.
 

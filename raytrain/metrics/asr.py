@@ -13,6 +13,7 @@ import jiwer
 import torch
 from torch import Tensor
 
+from raytrain.data.columns import reads_keys
 from raytrain.data.text import CHARS, Vocab
 
 _VOCAB = Vocab(CHARS)
@@ -37,12 +38,14 @@ def _counts(refs: list[str], hyps: list[str], words: bool) -> tuple[Tensor, Tens
     return torch.tensor(errors, dtype=torch.float64), torch.tensor(sizes, dtype=torch.float64)
 
 
+@reads_keys("asr_targets")
 @torch.no_grad()
 def cer(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
     """``{"cer": (character edits, reference characters)}`` per utterance."""
     return {"cer": _counts(*transcripts(outputs, batch), words=False)}
 
 
+@reads_keys("asr_targets")
 @torch.no_grad()
 def wer(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
     """``{"wer": (word edits, reference words)}`` per utterance."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from raytrain.data.columns import reads_keys
+
 # torchmetrics is imported where it is used: importing it takes ~2.5 s (it imports all its metrics and
 # scipy.signal), which `raytrain plan`, the driver and ASR-only workers need not pay.
 
@@ -99,6 +101,7 @@ def mixture_si_sdr(mix: Tensor, ref: Tensor, lengths: Tensor | None = None) -> T
     return scale_invariant_signal_distortion_ratio(mix_c, ref_c).mean(dim=1)
 
 
+@reads_keys("sources")
 @torch.no_grad()
 def si_sdr(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """``{"si_sdr": (batch,)}``: PIT SI-SDR of ``outputs["est_sources"]`` in dB."""
@@ -106,6 +109,7 @@ def si_sdr(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Te
     return {"si_sdr": best}
 
 
+@reads_keys("sources", "mix")
 @torch.no_grad()
 def si_sdri(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """``{"si_sdri": (batch,)}``: PIT SI-SDR of the estimate minus that of the mixture, dB."""

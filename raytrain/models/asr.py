@@ -21,7 +21,7 @@ utterance (tested to 1e-4).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +154,8 @@ class CTCASR(nn.Module):
     ``forward(batch)`` reads ``audio`` (batch, samples) and ``lengths`` (batch,), returns
     ``asr_ctc`` and ``phone_ctc`` log-probabilities (batch, frames, classes) and ``enc_lengths``.
     """
+
+    reads: ClassVar[tuple[str, ...]] = ("audio",)  # the batch keys forward reads (raytrain.data.columns)
 
     def __init__(self, *, sample_rate: int = 16000, encoder: Literal["conformer", "emformer"] = "conformer",
                  n_mels: int = 80, stack: int = 4, d_model: int = 144, num_heads: int = 4, ffn_dim: int = 576,

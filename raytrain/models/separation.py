@@ -14,10 +14,14 @@ built-in ConvTasNet or a user model brought in by the ``separation`` adapter.
 
 from __future__ import annotations
 
+from typing import ClassVar, cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchaudio.models import ConvTasNet
+
+from raytrain.export import ExportSpec
 
 
 def fit_length(x: Tensor, time: int) -> Tensor:
@@ -40,12 +44,24 @@ def zero_beyond(x: Tensor, lengths: Tensor | None) -> Tensor:
 class _Separator(nn.Module):
     """Shared batch-dict ``forward`` on top of a subclass's ``separate``."""
 
+    reads: ClassVar[tuple[str, ...]] = ("mix",)  # the batch keys forward reads (raytrain.data.columns)
     net: nn.Module
     sample_rate: int | None
 
     def separate(self, mix: Tensor) -> Tensor:
         """``(batch, time) -> (batch, sources, time)``."""
         raise NotImplementedError
+
+    @property
+    def export_spec(self) -> ExportSpec:
+        """For `raytrain.export`: ``mix`` (batch, time) in, ``est_sources`` (batch, sources, time) out."""
+        return ExportSpec(inputs=("mix",), outputs=("est_sources",), time_axes={"mix": 1, "est_sources": 2},
+                          time_multiple=self.export_time_multiple)
+
+    @property
+    def export_time_multiple(self) -> int:
+        """Time lengths an exported graph holds for (ConvTasNet: its encoder stride, see `raytrain.export`)."""
+        return 1
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         mix = batch["mix"]  # (batch, time)
@@ -94,6 +110,11 @@ class SeparationModel(_Separator):
             msk_num_stacks=msk_num_stacks,
             msk_activate=msk_activate,
         )
+
+    @property
+    def export_time_multiple(self) -> int:
+        # ConvTasNet pads to its stride by an amount that depends on the length; a graph holds for one branch
+        return int(cast(ConvTasNet, self.net).enc_stride)
 
     def separate(self, mix: Tensor) -> Tensor:
         """``(batch, time) -> (batch, sources, time)``; ConvTasNet pads to its stride internally."""

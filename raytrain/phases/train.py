@@ -10,6 +10,8 @@ logs to MLflow, so the hot loop never waits on a tracking server.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import math
 import os
@@ -19,19 +21,32 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from datasets_prep.faults import pause_point
 from raytrain.checkpoints import STATE_FILE, apply_freeze, load_data, load_into, load_weights
-from raytrain.config.schema import InitFromConfig, PhaseConfig, PipelineConfig
+from raytrain.config.schema import InitFromConfig, PipelineConfig, TrainPhaseConfig
 from raytrain.data.stream import BatchStream, build_transforms, eval_batches
 from raytrain.losses import LOSSES
 from raytrain.metrics import METRICS
 from raytrain.models import build_model
 from raytrain.optim import build_optimizer, build_scheduler
+from raytrain.phases.base import DatasetUse, Needs, PhaseContext, PhaseKind, Produces, register_kind
+
+if TYPE_CHECKING:
+    from raytrain.plan import PhasePlan
+
+
+@functools.cache
+def _keywords(fn: Any) -> frozenset[str]:
+    """The keyword parameters a loss takes beyond (outputs, batch)."""
+    try:
+        return frozenset(list(inspect.signature(fn).parameters)[2:])
+    except (TypeError, ValueError):
+        return frozenset()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -158,7 +173,7 @@ class PhaseRunner:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.pipe = PipelineConfig.model_validate(config["pipeline"])
-        self.phase: PhaseConfig = self.pipe.phase(config["phase"])
+        self.phase: Any = self.pipe.phase(config["phase"])
         self.device = ray.train.torch.get_device()
         self.events = config.get("events") if self.rank == 0 else None
         self.reduce = _Reducer(self.world, self.device)
@@ -166,8 +181,6 @@ class PhaseRunner:
 
     # ---- setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
-        import ray.train
-        import ray.train.torch
 
         phase = self.phase
         for name in ("ray.train", "ray.data"):
@@ -179,9 +192,14 @@ class PhaseRunner:
         seed_everything(self.pipe.seed * 1000 + self.rank)
         mcfg = self.pipe.phase_model(phase)
         model = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
-        if phase.kind == "evaluate":
-            self._setup_evaluate(model)
-            return
+        self.setup_kind(model)
+
+    def setup_kind(self, model: torch.nn.Module) -> None:
+        """A train (or distill) phase: init_from, freeze, optimizer, resume, data stream."""
+        import ray.train
+        import ray.train.torch
+
+        phase = self.phase
         ckpt = ray.train.get_checkpoint()
         init = self.cfg.get("init")
         if ckpt is None and init:
@@ -210,7 +228,7 @@ class PhaseRunner:
         self.model = ray.train.torch.prepare_model(model)
         self.loss_fns = {name: (LOSSES.get(name), w) for name, w in phase.losses.items()}
         self.metric_fns = [METRICS.get(m) for m in phase.metrics]
-        sr = int(self.cfg["sample_rate"])
+        sr = int(self.cfg["sample_rate"] or 0)
         shards = {n.name: ray.train.get_dataset_shard(f"train:{n.name}") for n in phase.train}
         audio = self.cfg.get("audio", {})  # dataset key -> audio_spec (stored format, decoded in the collate)
         self.eval_audio = audio.get("eval")
@@ -224,42 +242,6 @@ class PhaseRunner:
         self._eval_cache: list[dict[str, torch.Tensor]] | None = None
         self.eval_transforms = build_transforms([t.model_dump() for t in phase.eval_transforms], sr,
                                                 self.pipe.seed + 1)
-
-    def _setup_evaluate(self, model: torch.nn.Module) -> None:
-        """An evaluate phase: init_from's weights, no optimizer, no train data."""
-        import ray.train
-        import ray.train.torch
-
-        phase, init = self.phase, self.cfg["init"]
-        load_into(model, load_weights(init["path"]), InitFromConfig(**init["rules"]), init["path"])
-        self.model = ray.train.torch.prepare_model(model.to(self.device), parallel_strategy=None)
-        self.amp = autocast_dtype(phase.precision, self.device)
-        self.loss_fns = {name: (LOSSES.get(name), w) for name, w in phase.losses.items()}
-        self.metric_fns = [METRICS.get(m) for m in phase.metrics]
-        self.eval_shard = ray.train.get_dataset_shard("eval")
-        self.eval_audio = self.cfg.get("audio", {}).get("eval")
-        self._eval_cache = None
-        self.eval_transforms = build_transforms([t.model_dump() for t in phase.eval_transforms],
-                                                int(self.cfg["sample_rate"]), self.pipe.seed + 1)
-
-    def run_evaluate(self) -> None:
-        """Score once, then report the metrics with a checkpoint of the scored weights (the pipeline's
-        summary and hand-off read phases' checkpoints)."""
-        import ray.train
-
-        metrics = self.evaluate()
-        self._emit("eval", step=0, metrics=metrics)
-        metric, mode = self.phase.best
-        value = metrics.get(metric)
-        report = {**metrics, "step": 0, "skipped_steps": 0,
-                  "score": value if value is not None else (-1e30 if mode == "max" else 1e30)}
-        if self.rank != 0:
-            ray.train.report(report)
-            return
-        state = {"model": unwrap(self.model).state_dict(), "step": 0, "skipped": 0, "metrics": report}
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save(state, Path(tmp) / STATE_FILE)
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     # ---- helpers -----------------------------------------------------------------------------------
     def _group_lrs(self) -> dict[str, float]:
@@ -286,11 +268,20 @@ class PhaseRunner:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp)
 
+    def loss_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Extra keyword arguments for the losses that take them (a distill phase: `teacher`)."""
+        return {}
+
+    def _call_losses(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        extra = self.loss_inputs(batch)
+        return {name: fn(out, batch, **{k: v for k, v in extra.items() if k in _keywords(fn)})
+                for name, (fn, _) in self.loss_fns.items()}
+
     def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with self._autocast():
             out = self.model(batch)
         out = {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
-        parts = {name: fn(out, batch) for name, (fn, _) in self.loss_fns.items()}
+        parts = self._call_losses(out, batch)
         total = sum(w * parts[name] for name, (_, w) in self.loss_fns.items())
         return total, parts  # type: ignore[return-value]
 
@@ -365,7 +356,8 @@ class PhaseRunner:
                 out = self.model(batch)
             out = {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
             if self.loss_fns:
-                loss = sum(w * fn(out, batch) for fn, w in self.loss_fns.values())
+                parts = self._call_losses(out, batch)
+                loss = sum(w * parts[name] for name, (_, w) in self.loss_fns.items())
                 sums["loss"] += float(loss) * n
             for fn in self.metric_fns:
                 for key, vals in fn(out, batch).items():
@@ -436,9 +428,6 @@ class PhaseRunner:
     # ---- lifecycle ---------------------------------------------------------------------------------
     def run(self) -> None:
         self.setup()
-        if self.phase.kind == "evaluate":
-            self.run_evaluate()
-            return
         phase = self.phase
         start_step = self.step
         last_log = (start_step, time.perf_counter())
@@ -496,3 +485,79 @@ class PhaseRunner:
             if self.rank == 0:
                 pause_point("step", step, phase_dir)
 
+
+
+# ---- the kind ------------------------------------------------------------------------------------------
+def schedule_text(phase: TrainPhaseConfig) -> str:
+    from raytrain.optim import lr_factor
+
+    s = phase.schedule
+    end = phase.optim.lr * lr_factor(phase.max_steps - 1, s, phase.max_steps)
+    text = f"{phase.optim.name} lr {phase.optim.lr:g}"
+    if s.warmup_steps:
+        text += f", warmup {s.warmup_steps}"
+    text += f", {s.decay}" + (f" -> {end:.2g}" if s.decay != "constant" else "")
+    for g in phase.param_groups:
+        text += f"; {g.params}: lr {g.lr or phase.optim.lr:g}"
+    return text
+
+
+class TrainKind(PhaseKind):
+    """`train`: optimise a model on `train` datasets in Ray Train workers, evaluating on `eval`."""
+
+    name = "train"
+    config = TrainPhaseConfig
+
+    def needs(self, pipe: PipelineConfig, phase: Any) -> Needs:
+        needs = super().needs(pipe, phase)
+        needs.datasets[:0] = [DatasetUse("train", s.name) for s in phase.train]
+        return needs
+
+    def produces(self, pipe: PipelineConfig, phase: Any) -> Produces:
+        return Produces(weights=True)
+
+    def steps(self, phase: Any) -> int:
+        return int(phase.max_steps)
+
+    def check(self, pipe: PipelineConfig, phase: Any, plan: PhasePlan, where: str) -> list[str]:
+        from raytrain.checkpoints import PatternError, check_patterns, frozen_names
+
+        problems = []
+        if plan.shapes:
+            try:
+                frozen = frozen_names(list(plan.shapes), phase, where)
+            except PatternError as exc:
+                return [str(exc)]
+            plan.n_frozen = sum(s.numel() for n, s in plan.shapes.items() if n in frozen)
+            plan.n_trainable = sum(s.numel() for n, s in plan.shapes.items() if n not in frozen)
+        for j, group in enumerate(phase.param_groups):
+            try:
+                check_patterns(list(plan.shapes), group.patterns, f"{where}.param_groups[{j}].params")
+            except PatternError as exc:
+                problems.append(str(exc))
+        if plan.shapes and plan.n_trainable == 0:
+            problems.append(f"{where}: every parameter is frozen; nothing to train")
+        return problems
+
+    def plan_lines(self, pipe: PipelineConfig, plan: PhasePlan) -> list[str]:
+        from raytrain.plan import fmt_count, phase_figures
+
+        ph, f = plan.phase, phase_figures(pipe, plan)
+        return [f"    params   {fmt_count(plan.n_trainable)} trainable, {fmt_count(plan.n_frozen)} frozen",
+                f"    losses   {', '.join(f'{k} x{v:g}' for k, v in ph.losses.items())}"
+                + (f"; metrics {', '.join(ph.metrics)}" if ph.metrics else ""),
+                f"    optim    {schedule_text(ph)}",
+                f"    batch    {f.batch_size} x accum {f.grad_accum} x {f.num_workers} workers = "
+                f"{f.effective_batch}; {f.max_steps:,} steps; eval every {f.eval_every}, "
+                f"checkpoint every {f.checkpoint_every}"]
+
+    def worker(self, config: dict[str, Any]) -> PhaseRunner:
+        return PhaseRunner(config)
+
+    def run(self, ctx: PhaseContext) -> None:
+        from raytrain.phases.ray_train import fit
+
+        fit(ctx, self)
+
+
+register_kind(TrainKind)

@@ -62,7 +62,7 @@ def cut_overrides(recipe: str, steps: int) -> list[str]:
     halfway and at the end, logged every step."""
     out = []
     for phase in load_config(yaml_of(recipe)).phases:
-        if phase.kind == "train":
+        if phase.trains:
             p = f"phases.{phase.name}"
             out += [f"{p}.max_steps={steps}", f"{p}.eval_every={steps}", f"{p}.checkpoint_every={max(1, steps // 2)}",
                     f"{p}.log_every=1"]

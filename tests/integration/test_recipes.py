@@ -39,8 +39,7 @@ def test_recipe(recipe: str, recipe_run: Any) -> None:
     for phase in cfg.phases:
         entry, phase_dir = summary["phases"][phase.name], run_dir / phase.name
         assert entry["status"] == "finished", (phase.name, entry)
-        assert entry["steps"] == (steps if phase.kind == "train" else 0), phase.name
-        assert Path(entry["best_checkpoint"]).is_file() and Path(entry["last_checkpoint"]).is_file()
+        assert entry["kind"] == phase.kind
         assert (phase_dir / "config.yaml").is_file()
         metrics = entry["final_metrics"]
         assert phase.best[0] in metrics and all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
@@ -51,14 +50,58 @@ def test_recipe(recipe: str, recipe_run: Any) -> None:
         assert phase.best[0] in mlrun.data.metrics
         arts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
         assert "config.yaml" in arts
+        if phase.kind == "export":
+            check_export(phase, entry, summary, arts, client, mlrun.info.run_id, run["root"])
+            continue
+        assert entry["steps"] == (steps if phase.trains else 0), phase.name
+        assert Path(entry["best_checkpoint"]).is_file() and Path(entry["last_checkpoint"]).is_file()
         if phase.init_from is not None:  # the hand-off: a load report, on disk and in MLflow
             report = json.loads((phase_dir / "load_report.json").read_text())
             assert report["loaded"], (phase.name, report)
             assert {"load_report.json", "load_report.txt"} <= arts
-        if phase.kind == "train":  # every step trained and logged (log_every=1)
+        if phase.trains:  # every step trained and logged (log_every=1)
             assert len(client.get_metric_history(mlrun.info.run_id, "train/loss")) == steps, phase.name
         else:  # an evaluate phase scores the weights it was given, unchanged
             assert phase.init is not None and phase.init.phase is not None
             source = summary["phases"][phase.init.phase]["best_checkpoint"]
             scored, given = load_weights(entry["last_checkpoint"]), load_weights(source)
             assert all(torch.equal(scored[k], given[k]) for k in given)
+
+
+def check_export(phase: Any, entry: dict[str, Any], summary: dict[str, Any], arts: set[str], client: Any,
+                 run_id: str, root: Path) -> None:
+    """An export phase: its files on disk and in MLflow, parity within its tolerances, the metric and RTF of
+    each export, and `raytrain infer` on the .onnx writing what torch writes."""
+    import numpy as np
+    import soundfile as sf
+
+    from raytrain.cli import main
+
+    m = entry["final_metrics"]
+    files = entry["files"]
+    assert Path(files["onnx"]).is_file() and "best_checkpoint" not in entry  # it writes files, no weights
+    assert m["export/onnx_max_abs_diff"] <= phase.tolerance["fp32"]
+    names = ["torch", "onnx"]
+    if phase.int8:
+        assert Path(files["onnx_int8"]).is_file() and m["export/int8_max_abs_diff"] <= phase.tolerance["int8"]
+        names.append("int8")
+    for name in names:
+        assert m[f"export/rtf_{name}"] > 0
+        if name != "torch":
+            metric = phase.best[0].removeprefix("eval/")
+            assert f"export/{metric}_{name}" in m, m
+    exported = {a.path for a in client.list_artifacts(run_id, "export")}
+    assert {f"export/{Path(f).name}" for f in files.values()} <= exported, (exported, arts)
+    # raytrain infer: the .onnx and the torch weights it came from write the same sources
+    source = summary["phases"][phase.init.phase]["best_checkpoint"]
+    wav = root / "infer_in.wav"
+    rng = np.random.default_rng(0)
+    sf.write(str(wav), (0.1 * rng.standard_normal(8000 + 37)).astype("float32"), 8000, subtype="PCM_16")
+    outs = {}
+    for label, model in (("torch", source), ("onnx", files["onnx"])):
+        out = root / f"infer_{label}"
+        assert main(["infer", model, str(wav), "-o", str(out)]) == 0
+        outs[label] = {p.name: sf.read(str(p))[0] for p in sorted(out.glob("*.wav"))}
+    assert outs["torch"].keys() == outs["onnx"].keys() and len(outs["torch"]) == 2
+    for name, ref in outs["torch"].items():
+        assert np.max(np.abs(ref - outs["onnx"][name])) <= 2e-3  # PCM16 steps (3e-5) plus the fp32 tolerance

@@ -20,7 +20,7 @@ from raytrain.checkpoints import (
     load_weights,
     plan_load,
 )
-from raytrain.config.schema import InitFromConfig, PhaseConfig
+from raytrain.config.schema import InitFromConfig, TrainPhaseConfig
 from raytrain.models import build_model
 
 TINY = dict(sample_rate=8000, enc_kernel_size=16, enc_num_feats=32, msk_num_feats=32, msk_num_hidden_feats=64,
@@ -35,8 +35,8 @@ class Net(nn.Module):
         self.head = nn.Linear(4, head_out)
 
 
-def phase(**kw: Any) -> PhaseConfig:
-    return PhaseConfig(name="x", train=["tr"], losses={"si_sdr_pit": 1.0}, **kw)
+def phase(**kw: Any) -> TrainPhaseConfig:
+    return TrainPhaseConfig(name="x", train=["tr"], losses={"si_sdr_pit": 1.0}, **kw)
 
 
 def rules(**kw: Any) -> InitFromConfig:

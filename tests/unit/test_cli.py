@@ -88,8 +88,8 @@ def test_plan_shipped_tiny_pipeline(monkeypatch, tmp_path, capsys) -> None:
     monkeypatch.chdir(tmp_path)  # relative data paths resolve here: never prepared
     assert main(["plan", str(REPO / "configs" / "pipelines" / "separation_tiny.yaml")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("pipeline separation_tiny (seed 1234, 2 phases)\n")
-    assert "[0] short  (train)" in out and "[1] long  (train)" in out
+    assert out.startswith("pipeline separation_tiny (seed 1234, 3 phases)\n")
+    assert "[0] short  (train)" in out and "[1] long  (train)" in out and "[2] export  (export)" in out
     assert "    init     phase short (best)" in out
     assert "    optim    adam lr 0.002, warmup 50, constant" in out
     assert "    gates    eval/si_sdri >=5" in out

@@ -341,3 +341,17 @@ def test_shard_mb_cuts_shards_by_input_megabytes(tmp_path: Path) -> None:
     assert [s["rows"] for s in capped["shards"]] == [1] * 6  # rows_per_shard still caps a shard
     with pytest.raises(ValueError, match="shard_mb must be > 0"):
         prepare_items(items, tmp_path / "bad", kind="speech", audio_columns=["audio"], shard_mb=0, workers=0)
+
+
+def test_manifest_declares_each_columns_role_for_the_training_side(tmp_path: Path) -> None:
+    from datasets_prep.columns import ColumnSpec, manifest_columns
+
+    items = list_items("speaker-dirs", _corpus(tmp_path / "raw"))
+    steps = [("resample", {"sample_rate": 8000}), ("features", {"n_mels": 20, "hop_ms": 20})]
+    man = prepare_items(items, tmp_path / "out", kind="speech", audio_columns=["audio"], steps=steps,
+                        audio_format="flac", workers=0)
+    cols = manifest_columns(read_manifest(tmp_path / "out"))
+    assert man["roles"]["audio"] == {"role": "audio", "sample_rate": 8000, "format": "flac"}
+    assert cols["mel"] == ColumnSpec.features(frame_rate=50.0, dims=20)
+    assert {n: s.role for n, s in cols.items() if n in ("id", "speaker", "text", "num_samples")} == {
+        "id": "id", "speaker": "label", "text": "text", "num_samples": "meta"}

@@ -25,7 +25,7 @@ def _run(tmp_path: Path, **entry: str) -> Path:
     run = tmp_path / "runs" / "unit" / "20261203-000000"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    (run / "summary.json").write_text(json.dumps({"phases": {"a": {"status": "finished", **entry}}}))
+    (run / "summary.json").write_text(json.dumps({"pipeline": "p", "run_id": "r", "phases": {"a": {"status": "finished", **entry}}}))
     return run
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from raytrain.checkpoints import PatternError, apply_freeze
-from raytrain.config.schema import PhaseConfig, ScheduleConfig
+from raytrain.config.schema import ScheduleConfig, TrainPhaseConfig
 from raytrain.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
@@ -25,8 +25,8 @@ class Net(nn.Module):
         return self.head(torch.relu(self.body(self.encoder(x))))
 
 
-def phase(**kw: Any) -> PhaseConfig:
-    return PhaseConfig(name="x", train=["tr"], losses={"si_sdr_pit": 1.0}, **kw)
+def phase(**kw: Any) -> TrainPhaseConfig:
+    return TrainPhaseConfig(name="x", train=["tr"], losses={"si_sdr_pit": 1.0}, **kw)
 
 
 def ids(params: list[torch.Tensor]) -> set[int]:

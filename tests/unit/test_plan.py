@@ -20,6 +20,9 @@ N_TOTAL = sum(p.numel() for p in build_model("convtasnet", TINY).parameters())
 N_ENCODER = 32 * 1 * 16
 
 
+MIX = [{"name": "dynamic_mix", "args": {"num_speakers": 2, "crop_seconds": 1.0}}]  # speech rows -> mix, s1, s2
+
+
 def pipeline(tmp_path: Path, **top: Any) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "name": "plan_test",
@@ -28,7 +31,8 @@ def pipeline(tmp_path: Path, **top: Any) -> dict[str, Any]:
                  "dev": {"shards": str(tmp_path / "shards" / "dev")}},
         "model": {"name": "convtasnet", "args": dict(TINY)},
         "defaults": {"train": ["train"], "eval": "dev", "losses": {"si_sdr_pit": 1.0},
-                     "metrics": ["si_sdri"], "optim": {"name": "adam", "lr": 1e-3}, "batch_size": 4},
+                     "metrics": ["si_sdri"], "optim": {"name": "adam", "lr": 1e-3}, "batch_size": 4,
+                     "transforms": MIX, "eval_transforms": MIX},
         "phases": [
             {"name": "short", "max_steps": 200, "schedule": {"warmup_steps": 10}},
             {"name": "long", "init_from": "short", "optim": {"lr": 5e-4},
@@ -278,3 +282,15 @@ def test_plan_does_not_touch_the_config(tmp_path) -> None:
     before = copy.deepcopy(cfg.model_dump())
     check_pipeline(cfg)
     assert cfg.model_dump() == before
+
+
+# -- columns ---------------------------------------------------------------------------------------------
+def test_a_column_the_dataset_lacks_is_an_error_naming_both(tmp_path) -> None:
+    write_speech(tmp_path / "shards" / "train", rows=4, seconds=2.0)
+    write_speech(tmp_path / "shards" / "dev", rows=2, seconds=1.0)
+    raw = pipeline(tmp_path)
+    raw["phases"][1]["eval_transforms"] = []  # dev holds single-speaker speech: no `mix` without mixing
+    msg = plan_error(raw)
+    assert ("phases[1](long).eval: dataset 'dev' has no column 'mix' (its manifest lists id, speaker, text, audio, "
+            "num_samples, sample_rate), needed by model convtasnet") in msg
+    assert "phases[0](short)" not in msg  # short mixes its eval rows: it has what it reads

@@ -92,7 +92,7 @@ def test_infer_refuses_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     ckpt = hostile(run / "a" / "best" / "model.pt", marker)
-    (run / "summary.json").write_text(json.dumps({"phases": {"a": {"status": "finished", "best_checkpoint": str(ckpt)}}}))
+    (run / "summary.json").write_text(json.dumps({"pipeline": "p", "run_id": "r", "phases": {"a": {"status": "finished", "best_checkpoint": str(ckpt)}}}))
     wav = tmp_path / "mix.wav"
     sf.write(str(wav), np.zeros(8000, dtype=np.float32), 8000)
     assert main(["infer", str(run), str(wav), "-o", str(tmp_path / "out")]) != 0

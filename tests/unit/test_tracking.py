@@ -12,6 +12,7 @@ import torch
 
 from raytrain.config import PipelineConfig, load_config
 from raytrain.models import build_model
+from raytrain.runs import PhaseEntry
 from raytrain.tracking import Tracker, log_phase_model, tracking_uri
 
 MODEL = {"name": "convtasnet", "args": {
@@ -61,9 +62,9 @@ def test_train_phases_are_logged_and_only_the_final_one_registered(store: dict[s
     entries: dict[str, dict[str, Any]] = {}
     for phase in cfg.phases:
         run_id = tracker.start(phase.name)
-        entries[phase.name] = entry = {"best_checkpoint": str(store["weights"]), "steps": 4}
+        entry = PhaseEntry(best_checkpoint=str(store["weights"]), steps=4)
         log_phase_model(tracker, cfg, phase, entry, run_id)
-        entry["run_id"] = run_id
+        entries[phase.name] = {**entry.model_dump(exclude_defaults=True), "run_id": run_id}
     a, b, score = entries["a"], entries["b"], entries["score"]
     assert a["mlflow_model_uri"].startswith("models:/") and "mlflow_registered_model" not in a
     assert b["mlflow_registered_model"] == {"name": "unit_sep", "version": "1"}  # b: the last train phase
@@ -85,9 +86,9 @@ def test_logging_leaves_the_process_tracking_uri_as_it_was(store: dict[str, Any]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
     cfg = pipe(uri=store["uri"])
     tracker = Tracker(store["uri"], "unit")
-    entry = {"best_checkpoint": str(store["weights"]), "steps": 1}
+    entry = PhaseEntry(best_checkpoint=str(store["weights"]), steps=1)
     log_phase_model(tracker, cfg, cfg.phases[0], entry, tracker.start("a"))
-    assert entry["mlflow_model_uri"].startswith("models:/")
+    assert entry.mlflow_model_uri and entry.mlflow_model_uri.startswith("models:/")
     assert mlflow.get_tracking_uri() == other
     assert os.environ["MLFLOW_TRACKING_URI"] == other
 
@@ -97,11 +98,11 @@ def test_a_model_that_cannot_be_logged_is_recorded_and_warned_about(store: dict[
     cfg = pipe(uri=store["uri"])
     tracker = Tracker(store["uri"], "unit")
     missing = Path(store["weights"]).parent / "gone" / "model.pt"
-    entry = {"best_checkpoint": str(missing), "steps": 4, "mlflow_model_uri": "models:/stale"}
+    entry = PhaseEntry(best_checkpoint=str(missing), steps=4, mlflow_model_uri="models:/stale")
     with caplog.at_level(logging.WARNING, logger="raytrain"):
         log_phase_model(tracker, cfg, cfg.phases[0], entry, tracker.start("a"))  # does not raise
-    assert entry["mlflow_model_error"].startswith(f"CheckpointError: checkpoint {missing} does not exist")
-    assert "mlflow_model_uri" not in entry  # nothing stale left behind
+    assert (entry.mlflow_model_error or "").startswith(f"CheckpointError: checkpoint {missing} does not exist")
+    assert entry.mlflow_model_uri is None  # nothing stale left behind
     (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     text = record.getMessage()
     assert "phase 'a' finished, but its model could not be logged in MLflow" in text
@@ -111,9 +112,9 @@ def test_a_model_that_cannot_be_logged_is_recorded_and_warned_about(store: dict[
 def test_log_model_false_and_disabled_tracking_log_nothing(store: dict[str, Any]) -> None:
     for cfg, tracker in ((pipe(uri=store["uri"], log_model=False), Tracker(store["uri"], "unit")),
                          (pipe(enabled=False), Tracker(store["uri"], "unit", enabled=False))):
-        entry = {"best_checkpoint": str(store["weights"]), "steps": 4}
+        entry = PhaseEntry(best_checkpoint=str(store["weights"]), steps=4)
         log_phase_model(tracker, cfg, cfg.phases[0], entry, tracker.start("a"))
-        assert set(entry) == {"best_checkpoint", "steps"}
+        assert set(entry.model_dump(exclude_defaults=True)) == {"best_checkpoint", "steps"}
 
 
 def test_a_sweep_of_the_final_phase_registers_only_its_best_finished_trial(store: dict[str, Any],
@@ -136,10 +137,10 @@ def test_a_sweep_of_the_final_phase_registers_only_its_best_finished_trial(store
     assert trial_cfg.tracking.register_as is None  # what a trial runs with: it logs its model, registers none
     rows = {}
     for tid in ("t1", "t2"):  # two trials of b, logged as a trial logs them; their rows as the sweep collects them
-        entry = {"best_checkpoint": str(store["weights"]), "steps": 4}
+        entry = PhaseEntry(best_checkpoint=str(store["weights"]), steps=4)
         log_phase_model(sweep.tracker, trial_cfg, trial_cfg.phase("b"), entry, sweep.tracker.start(f"trial {tid}"))
-        assert "mlflow_registered_model" not in entry
-        rows[tid] = {"trial": tid, "status": "finished", "mlflow_model_uri": entry["mlflow_model_uri"]}
+        assert entry.mlflow_registered_model is None
+        rows[tid] = {"trial": tid, "status": "finished", "mlflow_model_uri": entry.mlflow_model_uri}
     assert sweep.tracker.client.search_model_versions("name='unit_sep'") == []
     sweep.state["best_finished"] = rows["t2"]
     assert sweep.register_best() == {"name": "unit_sep", "version": "1", "trial": "t2"}

@@ -1,0 +1,272 @@
+"""`cache`: run a frozen model over datasets once and keep its outputs as new datasets.
+
+The model (an earlier phase's weights or a checkpoint, `init_from`) runs in Ray Data `map_batches` on an
+actor pool (one actor per worker of the phase's `scaling`, a GPU each when `use_gpu`); each output dataset
+holds the ids, the model outputs named in `columns` (cut to each row's length) and the source columns
+named in `carry`, written by the one dataset writer (`datasets_prep.shards.DatasetWriter`) under
+`<cache_dir>/<name>/<key>/`. The key is the sha256 of the source manifest, the weights file and the cache
+phase's config: a later run with the same key reuses the folder with zero forward passes; another
+checkpoint, source or config makes a new folder; `raytrain run --rebuild-cache` writes it again. Later
+phases name the output like a `data:` entry, and `raytrain plan` knows its columns before it exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from raytrain.config.schema import CachePhaseConfig, PipelineConfig
+from raytrain.phases.base import (
+    DatasetUse,
+    Needs,
+    PhaseContext,
+    PhaseKind,
+    PipelineError,
+    Produces,
+    register_kind,
+)
+
+if TYPE_CHECKING:
+    from datasets_prep.columns import ColumnSpec
+    from raytrain.plan import PhasePlan
+
+CALLS = "__cache_calls"  # one 1 per model call in the mapped batches: how many forward passes ran
+SPEC = "__cache_spec__"  # + column: the spec of an output column as the model made it (its dims), as JSON
+
+
+def file_sha256(path: str) -> str:
+    from datasets_prep.storage import read_bytes
+
+    return hashlib.sha256(read_bytes(path)).hexdigest()
+
+
+def output_specs(phase: CachePhaseConfig, source: dict[str, Any] | None) -> dict[str, ColumnSpec]:
+    """The columns a cache output has: the source's id, the model outputs, the carried columns (their specs
+    from the source manifest when it is known)."""
+    from datasets_prep.columns import ColumnSpec, manifest_columns
+
+    src = manifest_columns(source) if source else {}
+    out: dict[str, ColumnSpec] = {}
+    out[next((n for n, s in src.items() if s.role == "id"), "id")] = ColumnSpec.id()
+    for name, decl in phase.columns.items():
+        if decl.role == "features":
+            out[name] = ColumnSpec.features(frame_rate=decl.frame_rate, dims=decl.dims, dtype=decl.dtype)
+        elif decl.role == "tokens":
+            out[name] = ColumnSpec.tokens(rate=decl.frame_rate, dtype=decl.dtype)
+        elif decl.role == "audio":
+            out[name] = ColumnSpec.audio(int(decl.sample_rate or 0))
+        else:
+            out[name] = ColumnSpec.label()
+    for name in phase.carry:
+        out[name] = src.get(name) or ColumnSpec.meta()
+    return out
+
+
+class CacheMapper:
+    """The Ray Data actor: the frozen model on its device, one call per batch."""
+
+    def __init__(self, model: dict[str, Any], weights: str, phase: dict[str, Any], audio: dict[str, Any],
+                 sample_rate: int | None, seed: int, threads: int | None, use_gpu: bool) -> None:
+        import torch
+
+        from raytrain.checkpoints import load_weights
+        from raytrain.config.schema import ModelConfig
+        from raytrain.data.stream import Collate, build_transforms
+        from raytrain.models import build_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        mcfg = ModelConfig.model_validate(model)
+        net = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
+        net.load_state_dict(load_weights(weights))
+        self.model = net.to(self.device).eval().requires_grad_(False)
+        self.phase = CachePhaseConfig.model_validate(phase)
+        transforms = build_transforms([t.model_dump() for t in self.phase.eval_transforms], sample_rate or 0, seed)
+        self.collate = Collate(transforms, epoch=0, audio=audio)
+        self.sample_rate = sample_rate
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        from datasets_prep.codecs import encode_value
+        from datasets_prep.columns import ColumnSpec
+
+        specs = output_specs(self.phase, None)
+        ids = batch["id"]
+        carried = {c: batch[c] for c in self.phase.carry}
+        model_batch = self.collate(dict(batch))
+        with torch.no_grad():
+            out = self.model({k: v.to(self.device) for k, v in model_batch.items()})
+        n = len(ids)
+        result: dict[str, Any] = {"id": list(ids), CALLS: [1] + [0] * (n - 1)}
+        for name, decl in self.phase.columns.items():
+            key = decl.output or name
+            if key not in out:
+                raise KeyError(f"cache phase {self.phase.name!r}: the model gives no output {key!r} (it gives "
+                               f"{sorted(out)}); set columns.{name}.output")
+            values = out[key].detach().float().cpu().numpy() if decl.dtype.startswith("float") \
+                else out[key].detach().cpu().numpy()
+            lengths = self._lengths(out, key, model_batch, values, decl)
+            spec = specs[name]
+            if spec.role == "features" and spec.dims is None and values.ndim == 3:
+                spec = ColumnSpec.like(values[0], frame_rate=decl.frame_rate)
+            result[name] = [encode_value(name, spec, values[i][: lengths[i]].astype(decl.dtype)) for i in range(n)]
+            result[SPEC + name] = [json.dumps(spec.to_json())] * n
+        for c, v in carried.items():
+            result[c] = list(v)
+        return result
+
+    def _lengths(self, out: dict[str, Any], key: str, batch: dict[str, Any], values: np.ndarray,
+                 decl: Any) -> list[int]:
+        full = values.shape[1] if values.ndim > 1 else 1
+        if f"{key}_lengths" in out:
+            return [int(x) for x in out[f"{key}_lengths"].cpu()]
+        if "lengths" in batch and decl.frame_rate and self.sample_rate:
+            return [min(full, math.ceil(int(x) * decl.frame_rate / self.sample_rate)) for x in batch["lengths"]]
+        return [full] * values.shape[0]
+
+
+class CacheKind(PhaseKind):
+    name = "cache"
+    config = CachePhaseConfig
+
+    def needs(self, pipe: PipelineConfig, phase: Any) -> Needs:
+        needs = super().needs(pipe, phase)
+        needs.datasets = [DatasetUse("source", s) for s in phase.datasets]
+        return needs
+
+    def column_needs(self, pipe: PipelineConfig, phase: Any) -> dict[str, Any]:
+        from raytrain.needs import needed_columns
+
+        needs = needed_columns(pipe.phase_model(phase), [], [], phase.eval_transforms)
+        return {"source": needs}
+
+    def produces(self, pipe: PipelineConfig, phase: Any) -> Produces:
+        from datasets_prep.columns import columns_json
+        from raytrain.data.datasets import dataset_info, resolve
+
+        out = {}
+        for src, name in phase.datasets.items():
+            manifest = dataset_info(resolve(pipe.data[src].shards)) if src in pipe.data else None
+            out[name] = columns_json(output_specs(phase, manifest))
+        return Produces(datasets=out)
+
+    def check(self, pipe: PipelineConfig, phase: Any, plan: PhasePlan, where: str) -> list[str]:
+        from datasets_prep.columns import manifest_columns
+
+        problems = []
+        for src, name in phase.datasets.items():
+            if name in pipe.data:
+                problems.append(f"{where}.datasets.{src}: the cache output {name!r} is named like the 'data:' "
+                                f"entry {name!r}; give it another name (later phases name it to read it)")
+            for other in pipe.phases:
+                if other is not phase and name in getattr(other, "datasets", {}).values() \
+                        and other.kind == phase.kind:
+                    problems.append(f"{where}.datasets.{src}: phase {other.name!r} also writes {name!r}")
+        for _, src, manifest in plan.datasets:
+            if manifest is None:
+                continue
+            have = manifest_columns(manifest)
+            for c in phase.carry:
+                if c not in have:
+                    problems.append(f"{where}.carry: column {c!r} is not in dataset {src!r} (it has "
+                                    f"{', '.join(have)})")
+        return problems
+
+    def plan_lines(self, pipe: PipelineConfig, plan: PhasePlan) -> list[str]:
+        ph = plan.phase
+        cols = ", ".join(f"{n} ({d.role}{f' {d.frame_rate:g}/s' if d.frame_rate else ''})"
+                         for n, d in ph.columns.items())
+        lines = [f"    writes   {', '.join(f'{s} -> {n}' for s, n in ph.datasets.items())}: id, {cols}"
+                 + (f"; carries {', '.join(ph.carry)}" if ph.carry else ""),
+                 f"    batch    {ph.batch_size} x {pipe.phase_scaling(ph).num_workers} actors; cached under "
+                 f"{ph.cache_dir}/<name>/<key> (model, weights and source: same key, no forward pass)"]
+        return lines
+
+    # ---- run ---------------------------------------------------------------------------------------------
+    def run(self, ctx: PhaseContext) -> None:
+        from datasets_prep.columns import ColumnSpec
+        from datasets_prep.shards import DatasetWriter, read_manifest
+        from raytrain.data.datasets import audio_spec, read_columns, read_dataset
+        from raytrain.session import worker_resources
+
+        phase: CachePhaseConfig = ctx.phase
+        assert ctx.init is not None
+        weights = str(ctx.init["path"])
+        wsha = file_sha256(weights)
+        mcfg = ctx.pipe.phase_model(phase)
+        use_gpu, resources, threads = worker_resources(ctx.pipe, phase)
+        workers = ctx.pipe.phase_scaling(phase).num_workers
+        entry = ctx.entry
+        entry.datasets, entry.forward_passes = {}, 0
+        t0 = time.time()
+        for src, name in phase.datasets.items():
+            path = ctx.datasets[src][0]
+            manifest = read_manifest(path)
+            key = hashlib.sha256(json.dumps({
+                "source": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
+                "weights": wsha, "model": mcfg.model_dump(mode="json"),
+                "phase": phase.model_dump(mode="json", exclude={"name", "cache_dir", "scaling"}),
+            }, sort_keys=True).encode()).hexdigest()
+            folder = Path(phase.cache_dir) / name / key[:16]
+            found = _manifest_key(folder)
+            if found == key and not ctx.rebuild_cache:
+                print(f"cache {phase.name}: {name} reused from {folder} (same source, weights and config; "
+                      "0 forward passes)")
+                entry.datasets[name] = str(folder)
+                continue
+            specs = output_specs(phase, manifest)
+            model_inputs = None  # every stored column the model and transforms may read, minus what is carried
+            columns = read_columns(manifest, model_inputs, path)
+            ds = read_dataset(path, manifest, columns=columns)
+            mapped = ds.map_batches(
+                CacheMapper, batch_size=phase.batch_size, batch_format="numpy", concurrency=workers,
+                num_cpus=0 if use_gpu else resources["CPU"], num_gpus=1 if use_gpu else 0,
+                fn_constructor_kwargs={"model": mcfg.model_dump(mode="json"), "weights": weights,
+                                       "phase": phase.model_dump(mode="json"),
+                                       "audio": audio_spec(manifest, columns), "sample_rate": ctx.plan.sample_rate,
+                                       "seed": ctx.pipe.seed, "threads": None if use_gpu else threads,
+                                       "use_gpu": use_gpu})
+            calls = rows = 0
+            writer: DatasetWriter | None = None
+            prep = {"cache_key": key, "phase": phase.name, "source": path, "weights": weights}
+            try:
+                for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
+                    if writer is None:  # the output columns as the model made them (a features column's dims)
+                        made = {k.removeprefix(SPEC): ColumnSpec.model_validate(json.loads(str(v[0])))
+                                for k, v in batch.items() if k.startswith(SPEC)}
+                        writer = DatasetWriter(folder, {**specs, **made}, kind="cache",
+                                               rows_per_shard=phase.rows_per_shard, prep=prep).__enter__()
+                    calls += int(np.sum(batch[CALLS]))
+                    rows += len(batch[CALLS])
+                    writer.write_batch({k: v for k, v in batch.items() if k != CALLS and not k.startswith(SPEC)})
+            except BaseException as exc:
+                if writer is not None:
+                    writer.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            if writer is None:
+                raise PipelineError(f"cache {phase.name!r}: dataset {src!r} has no rows")
+            writer.__exit__(None, None, None)
+            entry.forward_passes += calls
+            entry.datasets[name] = str(folder)
+            print(f"cache {phase.name}: {name}: {rows} rows, {calls} forward passes -> {folder}")
+        entry.wall_s = round(entry.wall_s + time.time() - t0, 1)
+        entry.final_metrics = {"cache/forward_passes": float(entry.forward_passes)}
+
+
+def _manifest_key(folder: Path) -> str | None:
+    try:
+        manifest = json.loads((folder / "_manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (manifest.get("prep") or {}).get("cache_key")
+
+
+register_kind(CacheKind)

@@ -1,0 +1,110 @@
+"""The driver side of the kinds that run in Ray Train workers (train, evaluate, distill).
+
+`fit(ctx, kind)` builds the phase's `TorchTrainer` (datasets, scaling, checkpoints in the run folder or
+`storage`), draws progress from rank 0's events, and turns Ray Train's last and best checkpoints into
+the phase's `best/model.pt` and `last/model.pt` and its summary entry.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from datasets_prep.storage import join, upload_file
+from raytrain.checkpoints import STATE_FILE, WEIGHTS_FILE, atomic_torch_save, load_data
+from raytrain.phases.base import PhaseContext, PhaseKind, PipelineError
+from raytrain.progress import EventPump
+from raytrain.session import worker_resources
+
+
+def train_names(phase: Any) -> list[str]:
+    return [s.name for s in getattr(phase, "train", [])]
+
+
+def fit(ctx: PhaseContext, kind: PhaseKind) -> None:
+    import ray.train
+    from ray.data import DataContext
+    from ray.train.torch import TorchTrainer
+
+    from raytrain.data.datasets import phase_datasets
+    from raytrain.phases import train_loop_per_worker
+
+    phase, entry = ctx.phase, ctx.entry
+    use_gpu, resources, threads = worker_resources(ctx.pipe, phase)
+    sc = ctx.pipe.phase_scaling(phase)
+    _, mode = phase.best
+    pump = EventPump(phase.name, kind.steps(phase), ctx.tracker, ctx.run_id, progress=ctx.progress)
+    data_ctx = DataContext.get_current()
+    data_ctx.enable_progress_bars = False  # rank 0's progress line says what matters
+    data_ctx.print_on_execution_start = False
+    exec_opts = data_ctx.execution_options
+    exec_opts.preserve_order = True  # same batch order every run: exact mid-phase resume
+    datasets, held, audio = phase_datasets(ctx.datasets, train_names(phase), phase.eval, seed=ctx.pipe.seed,
+                                           columns=ctx.plan.columns)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"pipeline": ctx.pipe.model_dump(mode="json"), "phase": phase.name, "kind": kind.name,
+                           "phase_dir": str(ctx.phase_dir), "init": ctx.init, "events": pump.queue,
+                           "threads": None if use_gpu else threads, "hold": held, "audio": audio,
+                           "sample_rate": ctx.plan.sample_rate, "report_evals": ctx.report_evals,
+                           **kind_extras(ctx)},
+        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name="ray", storage_path=join(ctx.storage_dir, phase.name) if ctx.storage_dir
+            else str(ctx.phase_dir.resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="score",
+                                                         checkpoint_score_order=mode),
+            failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
+            callbacks=ctx.train_callbacks),
+        datasets=datasets,
+        # One worker reads each dataset whole: no split coordinator actor beside it.
+        dataset_config=ray.train.DataConfig(datasets_to_split="all" if sc.num_workers > 1 else [],
+                                            execution_options=exec_opts),
+    )
+    t0 = time.time()
+    try:
+        with pump:
+            result = trainer.fit()
+    finally:
+        entry.wall_s = round(entry.wall_s + time.time() - t0, 1)
+    _weights_from(ctx, result)
+
+
+def kind_extras(ctx: PhaseContext) -> dict[str, Any]:
+    """What a kind adds to the worker's config (a distill phase: where its teacher's weights are)."""
+    teacher = getattr(ctx.phase, "teacher", None)
+    if teacher is None:
+        return {}
+    path = ctx.weights_of(teacher.phase, teacher.checkpoint) if teacher.phase else teacher.path
+    return {"teacher": {"path": path, "model": ctx.pipe.teacher_model(teacher).model_dump(mode="json")}}
+
+
+def _weights_from(ctx: PhaseContext, result: Any) -> None:
+    phase, entry = ctx.phase, ctx.entry
+    last = result.checkpoint
+    if last is None:
+        raise PipelineError(f"phase {phase.name!r} finished without a checkpoint")
+    metric, mode = phase.best
+    best = last
+    if result.best_checkpoints:
+        pick = max if mode == "max" else min
+        best = pick(result.best_checkpoints, key=lambda cm: cm[1].get("score", 0.0))[0]
+    final: dict[str, Any] = {}
+    for label, ckpt in (("last", last), ("best", best)):
+        with ckpt.as_directory() as d:
+            state = load_data(Path(d) / STATE_FILE)
+        target = ctx.phase_dir / label / WEIGHTS_FILE
+        atomic_torch_save(state["model"], target)
+        setattr(entry, f"{label}_checkpoint", str(target))
+        if ctx.storage_dir:
+            uri = join(ctx.storage_dir, phase.name, label, WEIGHTS_FILE)
+            upload_file(target, uri)
+            setattr(entry, f"{label}_checkpoint_uri", uri)
+        if label == "last":
+            final = state["metrics"]
+            entry.steps = state["step"]
+            entry.skipped_steps = state["skipped"]
+    entry.final_metrics = {k: float(v) for k, v in final.items() if "/" in k}
+    entry.best_metric = {metric: state["metrics"].get(metric)} if metric else {}

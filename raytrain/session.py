@@ -1,0 +1,49 @@
+"""Ray for the driver: start or join it, and size a phase's workers."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from raytrain.config.schema import PhaseBase, PipelineConfig
+
+
+def ray_init() -> None:
+    """Start (or join) Ray. A local Ray that raytrain starts listens on loopback only."""
+    import ray
+
+    # Ray Train's controller sees that the workers finished (or failed) at its next poll of them, every 2 s
+    # by default, and a phase's end takes several polls: ~6 s between the last step and `fit()` returning,
+    # paid by every phase. A poll is one small RPC per worker; at 0.5 s a phase ends ~4 s sooner.
+    # (Ray Train passes this variable on to the controller, also on a cluster raytrain joins.)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not os.environ.get("RAY_ADDRESS"):
+        # A one-node Ray that raytrain starts has no node that can be drained or preempted, and each
+        # idle Ray actor wakes up 100 times a second: leave Ray Train's preemption watcher out.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group cleaner polls.
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=True, log_to_driver=True,
+             logging_level=logging.WARNING, configure_logging=True)
+
+
+def worker_resources(pipe: PipelineConfig, phase: PhaseBase) -> tuple[bool, dict[str, float], int | None]:
+    """(use_gpu, resources_per_worker, torch threads). Leaves CPU free for Ray Data: two workers
+    that each reserve a whole CPU on a 2-CPU machine starve the read tasks and hang."""
+    import ray
+
+    sc = pipe.phase_scaling(phase)
+    total = ray.cluster_resources()
+    use_gpu = sc.use_gpu if isinstance(sc.use_gpu, bool) else total.get("GPU", 0) > 0
+    if sc.cpus_per_worker is not None:
+        cpus = sc.cpus_per_worker
+    elif use_gpu:
+        cpus = 1.0
+    else:
+        cpus = max(0.25, min(1.0, (total.get("CPU", 1) - 1) / sc.num_workers))
+    threads = sc.threads_per_worker or max(1, (os.cpu_count() or 1) // sc.num_workers)
+    return use_gpu, {"CPU": cpus}, threads
