@@ -218,7 +218,7 @@ def test_mlflow_tracking_uri_from_the_environment_wins_when_the_config_has_none(
     raw = pipeline_dict(corpus, tmp_path)
     raw["tracking"] = {"experiment": "env_uri"}  # no uri: $MLFLOW_TRACKING_URI, else sqlite beside the runs
     runner = PipelineRunner(load_config(raw=raw), progress=False)  # creates the experiment; runs nothing
-    assert runner.tracker.uri == url and runner.summary["mlflow_uri"] == url
+    assert runner.tracker.uri == url and runner.summary.mlflow_uri == url
     exp = _client(url).get_experiment_by_name("env_uri")
     assert exp is not None and exp.experiment_id == runner.tracker.experiment_id
     assert not (tmp_path / "mlflow.db").exists()
