@@ -15,7 +15,6 @@ Prepare the data first: raytrain prep configs/prep/streaming_asr_tiny.yaml.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -50,11 +49,10 @@ def plain(shards: str, model_pt: Path, out: Path, threads: int) -> tuple[int, fl
     import pyarrow.parquet as pq
     import torch
 
-    from datasets_prep.columns import ColumnSpec
     from datasets_prep.shards import DatasetWriter, read_manifest, shard_paths
     from raytrain.config.schema import CachePhaseConfig
     from raytrain.data.datasets import audio_spec
-    from raytrain.phases.cache import CALLS, SPEC, CacheMapper, output_specs
+    from raytrain.phases.cache import CacheMapper, made_specs, output_rows, output_specs
 
     torch.set_num_threads(threads)
     manifest = read_manifest(shards)
@@ -73,10 +71,9 @@ def plain(shards: str, model_pt: Path, out: Path, threads: int) -> tuple[int, fl
                      for c in table.column_names}
             got = mapper(batch)
             if writer is None:  # the output columns as the model made them, as the cache phase does
-                made = {k.removeprefix(SPEC): ColumnSpec.model_validate(json.loads(v[0]))
-                        for k, v in got.items() if k.startswith(SPEC)}
-                writer = DatasetWriter(out / f"plain-{time.time_ns()}", {**specs, **made}, kind="cache").__enter__()
-            writer.write_batch({k: v for k, v in got.items() if k != CALLS and not k.startswith(SPEC)})
+                writer = DatasetWriter(out / f"plain-{time.time_ns()}", {**specs, **made_specs(got)},
+                                       kind="cache").__enter__()
+            writer.write_batch(output_rows(got))
             rows += len(got["id"])
     if writer is not None:
         writer.__exit__(None, None, None)

@@ -318,6 +318,7 @@ class CachePhaseConfig(PhaseBase):
 
 
 ExportFormat = Literal["onnx", "torchscript"]
+EXPORT_TOLERANCE = {"fp32": 1e-4, "int8": 0.5, "torchscript": 1e-5}  # max abs diff against torch, per precision
 
 
 class ExportPhaseConfig(ScoredPhase):
@@ -330,7 +331,7 @@ class ExportPhaseConfig(ScoredPhase):
     formats: list[ExportFormat] = Field(default_factory=lambda: list[ExportFormat](["onnx"]))
     int8: bool = Field(False, description="also write a dynamically quantised int8 ONNX model (onnxruntime)")
     tolerance: dict[str, float] = Field(
-        default_factory=lambda: {"fp32": 1e-4, "int8": 0.5, "torchscript": 1e-5},
+        default_factory=lambda: dict(EXPORT_TOLERANCE),
         description="max abs difference against torch on the eval batches; over it, the phase fails")
     parity_batches: int = Field(4, ge=1, description="eval batches compared against torch and timed (RTF)")
     threads: int = Field(1, ge=1, description="CPU threads for torch and onnxruntime when timing")
@@ -338,10 +339,10 @@ class ExportPhaseConfig(ScoredPhase):
     @field_validator("tolerance")
     @classmethod
     def _precisions(cls, value: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(value) - {"fp32", "int8", "torchscript"})
+        unknown = sorted(set(value) - set(EXPORT_TOLERANCE))
         if unknown:
-            raise ValueError(f"tolerance: unknown precision(s) {unknown}; use fp32, int8, torchscript")
-        return {"fp32": 1e-4, "int8": 0.5, "torchscript": 1e-5, **value}
+            raise ValueError(f"tolerance: unknown precision(s) {unknown}; use {', '.join(EXPORT_TOLERANCE)}")
+        return {**EXPORT_TOLERANCE, **value}
 
     @model_validator(mode="after")
     def _consistent(self) -> ExportPhaseConfig:

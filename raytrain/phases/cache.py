@@ -68,6 +68,19 @@ def output_specs(phase: CachePhaseConfig, source: dict[str, Any] | None) -> dict
     return out
 
 
+def made_specs(batch: dict[str, Any]) -> dict[str, ColumnSpec]:
+    """The output columns' specs as the mapper made them (a features column's dims), from a mapped batch."""
+    from datasets_prep.columns import ColumnSpec
+
+    return {k.removeprefix(SPEC): ColumnSpec.model_validate(json.loads(str(v[0])))
+            for k, v in batch.items() if k.startswith(SPEC)}
+
+
+def output_rows(batch: dict[str, Any]) -> dict[str, Any]:
+    """A mapped batch without the mapper's bookkeeping columns: what the writer writes."""
+    return {k: v for k, v in batch.items() if k != CALLS and not k.startswith(SPEC)}
+
+
 class CacheMapper:
     """The Ray Data actor: the frozen model on its device, one call per batch."""
 
@@ -91,6 +104,7 @@ class CacheMapper:
         transforms = build_transforms([t.model_dump() for t in self.phase.eval_transforms], sample_rate or 0, seed)
         self.collate = Collate(transforms, epoch=0, audio=audio)
         self.sample_rate = sample_rate
+        self.specs = output_specs(self.phase, None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
@@ -98,7 +112,7 @@ class CacheMapper:
         from datasets_prep.codecs import encode_value
         from datasets_prep.columns import ColumnSpec
 
-        specs = output_specs(self.phase, None)
+        specs = self.specs
         ids = batch["id"]
         carried = {c: batch[c] for c in self.phase.carry}
         model_batch = self.collate(dict(batch))
@@ -192,7 +206,6 @@ class CacheKind(PhaseKind):
 
     # ---- run ---------------------------------------------------------------------------------------------
     def run(self, ctx: PhaseContext) -> None:
-        from datasets_prep.columns import ColumnSpec
         from datasets_prep.shards import DatasetWriter, read_manifest
         from raytrain.data.datasets import audio_spec, read_columns, read_dataset
         from raytrain.session import worker_resources
@@ -240,13 +253,11 @@ class CacheKind(PhaseKind):
             try:
                 for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
                     if writer is None:  # the output columns as the model made them (a features column's dims)
-                        made = {k.removeprefix(SPEC): ColumnSpec.model_validate(json.loads(str(v[0])))
-                                for k, v in batch.items() if k.startswith(SPEC)}
-                        writer = DatasetWriter(folder, {**specs, **made}, kind="cache",
+                        writer = DatasetWriter(folder, {**specs, **made_specs(batch)}, kind="cache",
                                                rows_per_shard=phase.rows_per_shard, prep=prep).__enter__()
                     calls += int(np.sum(batch[CALLS]))
                     rows += len(batch[CALLS])
-                    writer.write_batch({k: v for k, v in batch.items() if k != CALLS and not k.startswith(SPEC)})
+                    writer.write_batch(output_rows(batch))
             except BaseException as exc:
                 if writer is not None:
                     writer.__exit__(type(exc), exc, exc.__traceback__)
