@@ -232,3 +232,19 @@ def apply_freeze(model: torch.nn.Module, phase: TrainPhaseConfig, where: str = "
         else:
             n_train += p.numel()
     return n_train, n_frozen
+
+
+def hand_off_report(mcfg: Any, init: dict[str, Any], folder: str | Path) -> tuple[Path, Path]:
+    """The load report of `init` (`{"path", "rules"}`) into the model `mcfg` (a `ModelConfig`, built on
+    `meta`): printed (its head only when long) and saved in `folder` as load_report.json/.txt."""
+    from raytrain.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
+    ckpt = load_weights(init["path"])
+    report, _ = plan_load({k: v.shape for k, v in ckpt.items()}, {k: v.shape for k, v in model.state_dict().items()},
+                          InitFromConfig(**init["rules"]), init["path"])
+    js, txt = report.save(folder)
+    lines = report.to_table().splitlines()
+    print("\n".join(lines) if len(lines) < 40 else f"{lines[0]}\n  (full table: {txt})")
+    return js, txt

@@ -107,9 +107,11 @@ def phase_needs(model: Any, phase: Any) -> dict[str, ColumnNeeds]:
     and losses) and of its eval dataset (``eval_transforms``, losses and metrics); a key is absent when
     the phase has no such datasets. ``model``: the phase's ``ModelConfig`` (``pipe.phase_model(phase)``)."""
     losses = list(getattr(phase, "losses", None) or {})
+    module_losses = [n for m in (getattr(phase, "modules", None) or {}).values() for n in m.losses]
     out = {}
     if getattr(phase, "train", None):
-        out["train"] = needed_columns(model, losses, [], getattr(phase, "transforms", None) or [])
+        out["train"] = needed_columns(model, list(dict.fromkeys(losses + module_losses)), [],
+                                      getattr(phase, "transforms", None) or [])
     if getattr(phase, "eval", None):
         out["eval"] = needed_columns(model, losses, getattr(phase, "metrics", None) or [],
                                      getattr(phase, "eval_transforms", None) or [])

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from raytrain.checkpoints import check_patterns
-from raytrain.config.schema import ScheduleConfig, TrainPhaseConfig
+from raytrain.config.schema import OptimConfig, ScheduleConfig, TrainPhaseConfig
 
 
 def param_groups(model: torch.nn.Module, phase: TrainPhaseConfig, where: str = "phase") -> list[dict]:
@@ -42,7 +42,11 @@ def build_optimizer(model: torch.nn.Module, phase: TrainPhaseConfig, where: str 
     groups = param_groups(model, phase, where)
     for g in groups:
         g.pop("names")
-    o = phase.optim
+    return make_optimizer(groups, phase.optim)
+
+
+def make_optimizer(groups: list[dict[str, Any]], o: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer `o` names over parameter `groups` (each may set its own lr and weight_decay)."""
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     if o.name == "adam":

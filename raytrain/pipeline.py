@@ -13,11 +13,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from datasets_prep.storage import join, upload_file
-from raytrain.checkpoints import atomic_write_text, plan_load
+from raytrain.checkpoints import atomic_write_text
 from raytrain.config.loader import ConfigError
 from raytrain.config.schema import PipelineConfig
 from raytrain.data.datasets import resolve
@@ -140,22 +139,10 @@ class PipelineRunner:
 
     def _load_report(self, phase: Any, init: dict[str, Any], phase_dir: Path, run_id: str | None) -> None:
         """Decide the hand-off on the driver (model built on `meta`), print and save the report."""
-        from raytrain.checkpoints import load_weights
-        from raytrain.config.schema import InitFromConfig
-        from raytrain.models import build_model
+        from raytrain.checkpoints import hand_off_report
 
-        mcfg = self.pipe.phase_model(phase)
-        with torch.device("meta"):
-            model = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
-        ckpt = load_weights(init["path"])
-        report, _ = plan_load({k: v.shape for k, v in ckpt.items()},
-                              {k: v.shape for k, v in model.state_dict().items()},
-                              InitFromConfig(**init["rules"]), init["path"])
-        js, txt = report.save(phase_dir)
-        lines = report.to_table().splitlines()
-        print("\n".join(lines) if len(lines) < 40 else f"{lines[0]}\n  (full table: {txt})")
-        self.tracker.artifact(run_id, js)
-        self.tracker.artifact(run_id, txt)
+        for path in hand_off_report(self.pipe.phase_model(phase), init, phase_dir):
+            self.tracker.artifact(run_id, path)
 
     # ---- one phase ---------------------------------------------------------------------------------
     def run_phase(self, phase: Any, run_name: str | None = None) -> PhaseEntry:

@@ -50,3 +50,33 @@ def recon_mse(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
 
 
 recon_mse.reads = ("latents",)  # type: ignore[attr-defined]
+
+
+class WaveCritic(nn.Module):
+    """A small critic: waveforms ``(..., time)`` -> one score per waveform ``(...)`` (a GAN discriminator's
+    shape, trained beside a phase's model as one of its `modules`)."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, channels, kernel_size=16, stride=8)
+        self.out = nn.Linear(channels, 1)
+
+    def forward(self, wav: Tensor) -> Tensor:
+        lead = wav.shape[:-1]
+        h = torch.relu(self.conv(wav.reshape(-1, 1, wav.shape[-1]))).mean(-1)
+        return self.out(h).reshape(lead)
+
+
+def critic_adv(outputs: dict[str, Tensor], batch: dict[str, Tensor], modules: dict[str, nn.Module]) -> Tensor:
+    """Least-squares GAN loss of the model: its separated sources should score 1 with the critic."""
+    return torch.mean((modules["critic"](outputs["est_sources"]) - 1.0) ** 2)
+
+
+def critic_lsgan(outputs: dict[str, Tensor], batch: dict[str, Tensor], modules: dict[str, nn.Module]) -> Tensor:
+    """Least-squares GAN loss of the critic: reference sources score 1, the model's (detached) 0."""
+    critic = modules["critic"]
+    return torch.mean((critic(batch["sources"]) - 1.0) ** 2) + torch.mean(critic(outputs["est_sources"]) ** 2)
+
+
+critic_adv.reads = ()  # type: ignore[attr-defined]
+critic_lsgan.reads = ("sources",)  # type: ignore[attr-defined]

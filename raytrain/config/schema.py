@@ -7,6 +7,7 @@ block before validation (see `loader.py`), so the models here see a merged dict.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -176,6 +177,36 @@ class ScoredPhase(PhaseBase):
         return self.eval_batch_size or self.batch_size
 
 
+class ModuleConfig(Strict):
+    """A module a train or distill phase trains beside its model (a GAN discriminator, the fake-score network
+    of distribution-matching distillation), with its own optimizer, schedule and update ratio.
+
+    Each step the phase's model updates first (its losses may call the modules, whose weights stay fixed
+    for that update); then each module whose turn it is (`every`) makes `updates_per_step` updates of its
+    own `losses` on the step's batches and the model's outputs, detached. Its losses are
+    `fn(outputs, batch, modules=..., teacher=...)`: they call `modules[<name>]` themselves."""
+
+    model: ModelConfig
+    init_from: str | InitFromConfig | None = None
+    losses: dict[str, float] = Field(min_length=1, description="loss name -> weight; what this module minimises")
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig())
+    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig())
+    updates_per_step: int = Field(1, ge=1, description="updates of this module per step of the phase's model "
+                                                       "(e.g. 5 for a DMD fake-score network)")
+    every: int = Field(1, ge=1, description="update on every N-th step of the phase's model only")
+    grad_clip: float | None = Field(None, gt=0)
+
+    @property
+    def init(self) -> InitFromConfig | None:
+        if isinstance(self.init_from, str):
+            return InitFromConfig(phase=self.init_from)
+        return self.init_from
+
+    def total_updates(self, max_steps: int) -> int:
+        """Updates over a phase of `max_steps` steps (its schedule's horizon)."""
+        return (max_steps // self.every) * self.updates_per_step
+
+
 class TrainPhaseConfig(ScoredPhase):
     """`train`: optimise the model on `train` datasets, evaluating on `eval`."""
 
@@ -198,6 +229,17 @@ class TrainPhaseConfig(ScoredPhase):
     max_bad_steps: int = Field(10, ge=1, description="abort after this many non-finite losses in a row")
     shuffle_buffer: int = Field(0, ge=0, description="rows reshuffled per epoch in a buffer; 0 = the seeded file order only")
     fail_at_step: int | None = Field(None, ge=1, description="testing: rank 0 exits once at this step")
+    modules: dict[str, ModuleConfig] = Field(
+        default_factory=dict, description="modules trained beside the model, each with its own optimizer, "
+                                          "schedule and update ratio (a discriminator, a fake-score network)")
+
+    @field_validator("modules")
+    @classmethod
+    def _module_names(cls, value: dict[str, ModuleConfig]) -> dict[str, ModuleConfig]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"modules: {name!r} is not a module name (letters, digits, '_')")
+        return value
 
     @field_validator("train", mode="before")
     @classmethod

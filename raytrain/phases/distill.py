@@ -39,7 +39,8 @@ class DistillRunner(PhaseRunner):
         self.teacher.eval()  # stays in eval mode whatever the student's mode
         with torch.no_grad(), self._autocast():
             out = self.teacher(batch)
-        return {"teacher": {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}}
+        return {**super().loss_inputs(batch),
+                "teacher": {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}}
 
 
 class DistillKind(TrainKind):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets_prep.storage import join, upload_file
-from raytrain.checkpoints import STATE_FILE, WEIGHTS_FILE, atomic_torch_save, load_data
+from raytrain.checkpoints import STATE_FILE, WEIGHTS_FILE, atomic_torch_save, hand_off_report, load_data
 from raytrain.phases.base import PhaseContext, PhaseKind, PipelineError
 from raytrain.progress import EventPump
 from raytrain.session import worker_resources
@@ -73,12 +73,31 @@ def fit(ctx: PhaseContext, kind: PhaseKind) -> None:
 
 
 def kind_extras(ctx: PhaseContext) -> dict[str, Any]:
-    """What a kind adds to the worker's config (a distill phase: where its teacher's weights are)."""
+    """What a kind adds to the worker's config: where its trained modules' `init_from` weights are and, in a
+    distill phase, its teacher's."""
+    extras: dict[str, Any] = {}
+    inits = {}
+    for name, module in getattr(ctx.phase, "modules", {}).items():
+        init = module.init
+        if init is not None:
+            path = ctx.weights_of(init.phase, init.checkpoint) if init.phase is not None else init.path
+            inits[name] = {"path": path, "rules": init.model_dump(mode="json")}
+            folder = ctx.phase_dir / "modules" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for report in hand_off_report(module.model, inits[name], folder):
+                ctx.tracker.artifact(ctx.run_id, report)
+    if inits:
+        extras["module_inits"] = inits
     teacher = getattr(ctx.phase, "teacher", None)
-    if teacher is None:
-        return {}
-    path = ctx.weights_of(teacher.phase, teacher.checkpoint) if teacher.phase else teacher.path
-    return {"teacher": {"path": path, "model": ctx.pipe.teacher_model(teacher).model_dump(mode="json")}}
+    if teacher is not None:
+        path = ctx.weights_of(teacher.phase, teacher.checkpoint) if teacher.phase else teacher.path
+        extras["teacher"] = {"path": path, "model": ctx.pipe.teacher_model(teacher).model_dump(mode="json")}
+    return extras
+
+
+def module_weights(weights: str | Path, name: str) -> Path:
+    """The weights file of trained module `name` beside a phase's `model.pt`."""
+    return Path(weights).parent / "modules" / f"{name}.pt"
 
 
 def _weights_from(ctx: PhaseContext, result: Any) -> None:
@@ -97,6 +116,11 @@ def _weights_from(ctx: PhaseContext, result: Any) -> None:
             state = load_data(Path(d) / STATE_FILE)
         target = ctx.phase_dir / label / WEIGHTS_FILE
         atomic_torch_save(state["model"], target)
+        for name, module in state.get("modules", {}).items():  # beside it: modules/<name>.pt
+            atomic_torch_save(module["model"], module_weights(target, name))
+            if ctx.storage_dir:
+                upload_file(module_weights(target, name), join(ctx.storage_dir, phase.name, label, "modules",
+                                                               f"{name}.pt"))
         setattr(entry, f"{label}_checkpoint", str(target))
         if ctx.storage_dir:
             uri = join(ctx.storage_dir, phase.name, label, WEIGHTS_FILE)

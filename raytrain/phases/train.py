@@ -162,6 +162,61 @@ class _Reducer:
         return bool(t.item())
 
 
+class TrainedModule:
+    """A module a phase trains beside its model (`modules:` in the phase config): its weights, optimizer,
+    schedule and scaler, and the DDP wrapper its own updates go through. The model's losses call the bare
+    module with its parameters frozen, so the model's update never touches it."""
+
+    def __init__(self, name: str, cfg: Any, module: torch.nn.Module, max_steps: int, amp: torch.dtype | None,
+                 device: torch.device) -> None:
+        from raytrain.optim import lr_factor, make_optimizer
+
+        self.name, self.cfg, self.module = name, cfg, module
+        self.opt = make_optimizer([{"params": [p for p in module.parameters() if p.requires_grad]}], cfg.optim)
+        horizon = cfg.total_updates(max_steps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg.schedule, horizon))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        self.loss_fns = {n: (LOSSES.get(n), w) for n, w in cfg.losses.items()}
+        self.wrapped: torch.nn.Module = module
+        self.updates, self.skipped = 0, 0
+        self._trainable = [p for p in module.parameters() if p.requires_grad]
+
+    def due(self, step: int) -> bool:
+        """Whether this module updates after the model's step number `step` (1-based)."""
+        return step % self.cfg.every == 0
+
+    def trainable(self, on: bool) -> None:
+        for p in self._trainable:
+            p.requires_grad_(on)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                "updates": self.updates, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.updates, self.skipped = int(state["updates"]), int(state["skipped"])
+
+
+def build_modules(phase: Any, inits: dict[str, dict[str, Any]], fresh: bool, device: torch.device,
+                  amp: torch.dtype | None = None) -> dict[str, TrainedModule]:
+    """A phase's `modules:`, built in config order after its model (seeded, so every rank builds the same
+    weights) and, on a fresh start, loaded from `inits[name]` (`{"path", "rules"}`: their `init_from`)."""
+    out = {}
+    for name, mcfg in getattr(phase, "modules", {}).items():
+        module = build_model(mcfg.model.name, dict(mcfg.model.args), mcfg.model.adapter)
+        init = inits.get(name)
+        if fresh and init:
+            load_into(module, load_weights(init["path"]), InitFromConfig(**init["rules"]), init["path"])
+        module.to(device)
+        out[name] = TrainedModule(name, mcfg, module, phase.max_steps, amp, device)
+    return out
+
+
 class PhaseRunner:
     """One phase on one worker. `run()` is the whole lifecycle."""
 
@@ -210,6 +265,7 @@ class PhaseRunner:
         self.sched = build_scheduler(self.opt, phase)
         self.amp = autocast_dtype(phase.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.modules = self._build_modules(ckpt is None)
         self.step, self.skipped, self.best, position = 0, 0, None, None
         self.rows, self.rows_steps = 0, 0  # rows drawn in, and count of, this worker's applied steps
         self.last_eval: dict[str, float] = {}
@@ -222,10 +278,15 @@ class PhaseRunner:
             self.scaler.load_state_dict(state["scaler"])
             self.step, self.skipped, self.best = state["step"], state["skipped"], state["best"]
             self.last_eval = state.get("last_eval", {})
+            for name, m in self.modules.items():
+                m.load_state_dict(state["modules"][name])
             position = state["data_position"][self.rank] if self.rank < len(state["data_position"]) else None
             set_rng_state(state["rng"][min(self.rank, len(state["rng"]) - 1)])
             self._emit("log", message=f"resumed phase {phase.name!r} at step {self.step}")
         self.model = ray.train.torch.prepare_model(model)
+        for m in self.modules.values():
+            m.wrapped = ray.train.torch.prepare_model(m.module, move_to_device=False)
+            m.trainable(False)  # trainable only inside its own updates
         self.loss_fns = {name: (LOSSES.get(name), w) for name, w in phase.losses.items()}
         self.metric_fns = [METRICS.get(m) for m in phase.metrics]
         sr = int(self.cfg["sample_rate"] or 0)
@@ -242,6 +303,9 @@ class PhaseRunner:
         self._eval_cache: list[dict[str, torch.Tensor]] | None = None
         self.eval_transforms = build_transforms([t.model_dump() for t in phase.eval_transforms], sr,
                                                 self.pipe.seed + 1)
+
+    def _build_modules(self, fresh: bool) -> dict[str, TrainedModule]:
+        return build_modules(self.phase, self.cfg.get("module_inits") or {}, fresh, self.device, self.amp)
 
     # ---- helpers -----------------------------------------------------------------------------------
     def _group_lrs(self) -> dict[str, float]:
@@ -269,31 +333,99 @@ class PhaseRunner:
         return torch.autocast(self.device.type, dtype=self.amp)
 
     def loss_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Extra keyword arguments for the losses that take them (a distill phase: `teacher`)."""
-        return {}
+        """Extra keyword arguments for the losses that take them: `modules` (the phase's trained modules,
+        bare) and, in a distill phase, `teacher`."""
+        return {"modules": {n: m.module for n, m in self.modules.items()}} if self.modules else {}
+
+    @staticmethod
+    def _apply(loss_fns: dict[str, tuple[Any, float]], out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+               extra: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {name: fn(out, batch, **{k: v for k, v in extra.items() if k in _keywords(fn)})
+                for name, (fn, _) in loss_fns.items()}
 
     def _call_losses(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        extra = self.loss_inputs(batch)
-        return {name: fn(out, batch, **{k: v for k, v in extra.items() if k in _keywords(fn)})
-                for name, (fn, _) in self.loss_fns.items()}
+        return self._apply(self.loss_fns, out, batch, self.loss_inputs(batch))
 
-    def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _losses(self, batch: dict[str, torch.Tensor], keep: list[Any] | None = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted loss and its parts; with `keep`, appends (batch, detached outputs, loss inputs) for
+        the modules' updates."""
         with self._autocast():
             out = self.model(batch)
         out = {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}
-        parts = self._call_losses(out, batch)
+        extra = self.loss_inputs(batch)
+        parts = self._apply(self.loss_fns, out, batch, extra)
         total = sum(w * parts[name] for name, (_, w) in self.loss_fns.items())
+        if keep is not None:
+            keep.append((batch, {k: v.detach() for k, v in out.items()}, extra))
         return total, parts  # type: ignore[return-value]
+
+    def module_step(self, m: TrainedModule, micro: list[Any]) -> dict[str, float]:
+        """`m.cfg.updates_per_step` updates of module `m` on the step's micro-batches (accumulated like the
+        model's); a non-finite update is skipped on every rank."""
+        losses_sum = {n: 0.0 for n in m.loss_fns}
+        total_sum, applied = 0.0, 0
+        m.trainable(True)
+        m.module.train()
+        try:
+            for _ in range(m.cfg.updates_per_step):
+                m.opt.zero_grad(set_to_none=True)
+                total = 0.0
+                for i, (batch, out, extra) in enumerate(micro):
+                    views = {**extra.get("modules", {}), m.name: m.wrapped}
+                    sync = (contextlib.nullcontext() if i == len(micro) - 1 or self.world == 1
+                            else m.wrapped.no_sync())  # type: ignore[operator]
+                    with sync:
+                        with self._autocast():
+                            parts = self._apply(m.loss_fns, out, batch, {**extra, "modules": views})
+                        loss = sum(w * parts[n].float() for n, (_, w) in m.loss_fns.items())
+                        m.scaler.scale(loss / len(micro)).backward()  # type: ignore[union-attr]
+                    total += float(loss) / len(micro)
+                    for n, v in parts.items():
+                        losses_sum[n] += float(v.detach()) / len(micro)
+                finite = math.isfinite(total)
+                if m.cfg.grad_clip is not None:
+                    m.scaler.unscale_(m.opt)
+                    norm = torch.nn.utils.clip_grad_norm_(m._trainable, m.cfg.grad_clip)
+                    finite = finite and bool(torch.isfinite(norm))
+                if not self.reduce.all_true(finite):
+                    m.opt.zero_grad(set_to_none=True)
+                    if m.scaler.is_enabled():
+                        m.scaler.update()
+                    m.skipped += 1
+                    self._emit("log", message=f"step {self.step}: module {m.name!r}: non-finite loss or gradient, "
+                                              "update skipped")
+                    continue
+                m.scaler.step(m.opt)
+                m.scaler.update()
+                m.sched.step()
+                m.updates += 1
+                applied += 1
+                total_sum += total
+        finally:
+            m.opt.zero_grad(set_to_none=True)
+            m.trainable(False)
+        if not applied:
+            return {}
+        out_metrics = {f"train/{m.name}/loss": total_sum / applied, f"train/{m.name}/lr": float(m.sched.get_last_lr()[0])}
+        if len(m.loss_fns) > 1:
+            n_all = m.cfg.updates_per_step
+            out_metrics.update({f"train/{m.name}/{n}": v / n_all for n, v in losses_sum.items()})
+        return out_metrics
 
     # ---- steps -------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float] | None:
         """One optimizer step over `grad_accum` micro-batches; None if the step was skipped."""
         phase = self.phase
         self.model.train()
+        for m in self.modules.values():
+            m.module.train()
         self.opt.zero_grad(set_to_none=True)
         total, parts_sum = torch.zeros((), device=self.device), {n: 0.0 for n in self.loss_fns}
         part_vals: dict[str, torch.Tensor] = {}
         rows = 0
+        due = [m for m in self.modules.values() if m.due(self.step + 1)]
+        keep: list[Any] | None = [] if due else None
         for micro in range(phase.grad_accum):
             t_wait = time.perf_counter()
             batch = next(self.stream)
@@ -304,7 +436,7 @@ class PhaseRunner:
             # DDP: no gradient all-reduce on accumulation steps, only on the last micro-batch.
             sync = contextlib.nullcontext() if last or self.world == 1 else self.model.no_sync()  # type: ignore[operator]
             with sync:
-                loss, part_vals = self._losses(batch)
+                loss, part_vals = self._losses(batch, keep)
                 self.scaler.scale(loss / phase.grad_accum).backward()
             total = total + loss.detach() / phase.grad_accum
             if len(part_vals) > 1:  # per-loss values only matter in multi-task phases
@@ -330,6 +462,8 @@ class PhaseRunner:
         out = {"train/loss": loss_value}
         if len(part_vals) > 1:
             out.update({f"train/{n}": v for n, v in parts_sum.items()})
+        for m in due:
+            out.update(self.module_step(m, keep or []))
         return out
 
     @torch.no_grad()
@@ -338,6 +472,8 @@ class PhaseRunner:
         if self.eval_shard is None:
             return {}
         self.model.eval()
+        for m in self.modules.values():
+            m.module.eval()
         bs = self.phase.eval_batch_size or self.phase.batch_size
         sums: dict[str, float] = {"loss": 0.0} if self.loss_fns else {}
         dens: dict[str, float] = {}
@@ -377,7 +513,9 @@ class PhaseRunner:
     def check_replicas(self) -> None:
         """Fail if DDP replicas hold different weights (every rank raises together: the verdict is
         computed from all-reduced digests)."""
-        names, numels, digest = param_digest(unwrap(self.model).named_parameters())
+        named = [*unwrap(self.model).named_parameters(),
+                 *((f"modules.{n}.{k}", p) for n, m in self.modules.items() for k, p in m.module.named_parameters())]
+        names, numels, digest = param_digest(named)
         bad = digest_mismatches(names, numels, *self.reduce.extremes(digest))
         if bad:
             (name, how), others = bad[0], [n for n, _ in bad[1:]]
@@ -419,6 +557,7 @@ class PhaseRunner:
             "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
             "skipped": self.skipped, "best": self.best, "last_eval": self.last_eval,
             "rng": rngs, "data_position": positions, "metrics": report,
+            "modules": {n: m.state_dict() for n, m in self.modules.items()},
         }
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / STATE_FILE)
@@ -502,6 +641,20 @@ def schedule_text(phase: TrainPhaseConfig) -> str:
     return text
 
 
+def module_text(name: str, m: Any, max_steps: int, n_params: int) -> str:
+    """A trained module's row in `raytrain plan`."""
+    from raytrain.plan import fmt_count
+
+    ratio = f"{m.updates_per_step} update{'s' if m.updates_per_step > 1 else ''} per step"
+    if m.every > 1:
+        ratio += f" every {m.every} steps"
+    init = m.init
+    source = f", from {f'phase {init.phase}' if init.phase else init.path}" if init is not None else ""
+    return (f"    module   {name}: {m.model.name}, {fmt_count(n_params)} params{source}; "
+            f"{', '.join(f'{k} x{v:g}' for k, v in m.losses.items())}; {m.optim.name} lr {m.optim.lr:g}, "
+            f"{m.schedule.decay}; {ratio} ({m.total_updates(max_steps):,} updates)")
+
+
 class TrainKind(PhaseKind):
     """`train`: optimise a model on `train` datasets in Ray Train workers, evaluating on `eval`."""
 
@@ -511,6 +664,10 @@ class TrainKind(PhaseKind):
     def needs(self, pipe: PipelineConfig, phase: Any) -> Needs:
         needs = super().needs(pipe, phase)
         needs.datasets[:0] = [DatasetUse("train", s.name) for s in phase.train]
+        for name, module in phase.modules.items():
+            init = module.init
+            if init is not None and init.phase is not None:
+                needs.weights.append((f"modules.{name}.init_from", init.phase))
         return needs
 
     def produces(self, pipe: PipelineConfig, phase: Any) -> Produces:
@@ -537,6 +694,29 @@ class TrainKind(PhaseKind):
                 problems.append(str(exc))
         if plan.shapes and plan.n_trainable == 0:
             problems.append(f"{where}: every parameter is frozen; nothing to train")
+        problems.extend(self._check_modules(phase, plan, where))
+        return problems
+
+    @staticmethod
+    def _check_modules(phase: Any, plan: PhasePlan, where: str) -> list[str]:
+        """Each trained module's losses, model (built on `meta`) and init_from path."""
+        from raytrain.plan import _check_name
+        from raytrain.registry import RegistryError
+
+        problems: list[str] = []
+        for name, module in phase.modules.items():
+            key = f"{where}.modules.{name}"
+            for loss in module.losses:
+                _check_name(LOSSES, loss, f"{key}.losses", problems)
+            try:
+                with torch.device("meta"):
+                    built = build_model(module.model.name, dict(module.model.args), module.model.adapter)
+                plan.extra[f"module:{name}"] = sum(p.numel() for p in built.parameters())
+            except (RegistryError, TypeError, ValueError) as exc:
+                problems.append(f"{key}.model: {exc}")
+            init = module.init
+            if init is not None and init.path is not None and "://" not in init.path and not Path(init.path).exists():
+                problems.append(f"{key}.init_from.path: checkpoint {init.path} does not exist")
         return problems
 
     def plan_lines(self, pipe: PipelineConfig, plan: PhasePlan) -> list[str]:
@@ -549,7 +729,9 @@ class TrainKind(PhaseKind):
                 f"    optim    {schedule_text(ph)}",
                 f"    batch    {f.batch_size} x accum {f.grad_accum} x {f.num_workers} workers = "
                 f"{f.effective_batch}; {f.max_steps:,} steps; eval every {f.eval_every}, "
-                f"checkpoint every {f.checkpoint_every}"]
+                f"checkpoint every {f.checkpoint_every}",
+                *[module_text(name, m, ph.max_steps, int(plan.extra.get(f"module:{name}", 0)))
+                  for name, m in ph.modules.items()]]
 
     def worker(self, config: dict[str, Any]) -> PhaseRunner:
         return PhaseRunner(config)

@@ -29,8 +29,13 @@ def one_phase(corpus: Path, runs: Path, workers: int) -> dict[str, Any]:
     raw = pipeline_dict(corpus, runs)
     raw["data"]["train"]["cache"] = "stream"  # shards streamed and split across the workers
     raw["scaling"] = {"num_workers": workers}
+    # A critic trained beside the model (its own DDP wrapper, accumulated over the same micro-batches): the
+    # replica check covers its weights too.
+    critic = {"model": {"name": "tests.toys:WaveCritic"}, "losses": {"tests.toys:critic_lsgan": 1.0},
+              "optim": {"name": "adam", "lr": 1e-3}}
     raw["phases"] = [{"name": "a", "batch_size": 4, "grad_accum": 2, "max_steps": 4, "checkpoint_every": 2,
-                      "eval_every": 4}]
+                      "eval_every": 4, "losses": {"si_sdr_pit": 1.0, "tests.toys:critic_adv": 0.1},
+                      "modules": {"critic": critic}}]
     return raw
 
 
@@ -65,6 +70,8 @@ def test_each_step_consumes_the_planned_effective_batch(corpus: Path, ray_local:
     final = json.loads((runner.run_dir / "summary.json").read_text())["phases"]["a"]["final_metrics"]
     assert final["perf/samples_per_step"] == planned
     assert math.isfinite(final["train/loss"]) and math.isfinite(final["eval/si_sdri"])
+    assert math.isfinite(final["train/critic/loss"])
+    assert (runner.run_dir / "a" / "last" / "modules" / "critic.pt").is_file()
 
 
 def test_replicas_that_drift_apart_fail_the_phase_at_the_first_checkpoint(corpus: Path, ray_local: Any,

@@ -11,9 +11,10 @@ import torch
 import yaml
 
 from datasets_prep import faults
-from raytrain.checkpoints import load_weights
+from raytrain.checkpoints import STATE_FILE, load_data, load_weights
+from tests.toys import WaveCritic
 
-from .conftest import crash, pipeline_dict, raytrain_cli, registered_checkpoints
+from .conftest import checkpoints_of, crash, pipeline_dict, raytrain_cli, registered_checkpoints
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 # The second checkpoint (every 6 steps): paused there, a run has two registered checkpoints only once this
@@ -24,7 +25,13 @@ PAUSE_STEP = 12
 def test_resume_after_killing_the_driver_matches_an_uninterrupted_run(
         corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     raw = pipeline_dict(corpus, tmp_path / "runs")
-    raw["phases"] = [{"name": "a", "max_steps": 24, "eval_every": 12, "checkpoint_every": 6}]
+    # Beside the separator, a critic with its own optimizer, schedule and update ratio (2 updates on every
+    # second step): the resumed run must match for both.
+    critic = {"model": {"name": "tests.toys:WaveCritic"}, "losses": {"tests.toys:critic_lsgan": 1.0},
+              "optim": {"name": "adam", "lr": 1e-3}, "schedule": {"decay": "linear", "min_lr_ratio": 0.5},
+              "updates_per_step": 2, "every": 2}
+    raw["phases"] = [{"name": "a", "max_steps": 24, "eval_every": 12, "checkpoint_every": 6,
+                      "losses": {"si_sdr_pit": 1.0, "tests.toys:critic_adv": 0.1}, "modules": {"critic": critic}}]
     cfg = tmp_path / "p.yaml"
     cfg.write_text(yaml.safe_dump(raw))
 
@@ -54,6 +61,16 @@ def test_resume_after_killing_the_driver_matches_an_uninterrupted_run(
     assert w_full.keys() == w_cut.keys()
     for k in w_full:
         assert torch.equal(w_full[k], w_cut[k]), f"{k} differs after resume"
+    c_full, c_cut = (load_weights(Path(s["last_checkpoint"]).parent / "modules" / "critic.pt") for s in (s_full, s_cut))
+    assert c_full.keys() == c_cut.keys() == WaveCritic().state_dict().keys()
+    for k in c_full:
+        assert torch.equal(c_full[k], c_cut[k]), f"critic {k} differs after resume"
+    state = load_data(checkpoints_of(cut_dir / "a")[-1] / STATE_FILE)
+    assert state["modules"]["critic"]["updates"] == 24  # 12 of 24 steps x 2 updates
+    assert state["modules"]["critic"]["scheduler"]["last_epoch"] == 24
+    final = s_cut["final_metrics"]
+    assert final["train/critic/lr"] == pytest.approx(1e-3 * 0.5)  # linear decay to its floor over its 24 updates
+    assert final["train/critic/loss"] == pytest.approx(s_full["final_metrics"]["train/critic/loss"], abs=1e-6)
     assert s_cut["final_metrics"]["eval/si_sdri"] == pytest.approx(s_full["final_metrics"]["eval/si_sdri"], abs=1e-5)
 
 
