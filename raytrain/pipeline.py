@@ -63,7 +63,7 @@ class PipelineRunner:
     def __init__(self, pipe: PipelineConfig, *, config_text: str | None = None, resume: bool = False,
                  only: list[str] | None = None, run_dir: str | Path | None = None, progress: bool | None = None,
                  train_callbacks: list[Any] | None = None, report_evals: bool = False,
-                 mlflow_parent: str | None = None, rebuild_cache: bool = False):
+                 mlflow_parent: str | None = None, rebuild_cache: bool = False, storage_dir: str | None = None):
         self.pipe = resolve_paths(pipe)
         self.plans = {p.phase.name: p for p in check_pipeline(self.pipe, require_data=True)}
         if only:
@@ -83,8 +83,10 @@ class PipelineRunner:
         self.summary = (read_summary(self.run_dir) if self.resumed
                         else RunSummary(pipeline=self.pipe.name, run_id=self.run_dir.name))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # With `storage`, the run's checkpoints, weights and summary live at <storage>/<pipeline>/<run_id>.
-        self.storage_dir = join(self.pipe.storage, self.pipe.name, self.run_dir.name) if self.pipe.storage else None
+        # With `storage`, the run's checkpoints, weights and summary live at <storage>/<pipeline>/<run_id>
+        # (a sweep's base and trials: under the sweep's folder there, `storage_dir`).
+        self.storage_dir = storage_dir or (join(self.pipe.storage, self.pipe.name, self.run_dir.name)
+                                           if self.pipe.storage else None)
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.pipe.model_dump(mode="json"),
                                                                        sort_keys=False))
         if self.storage_dir:

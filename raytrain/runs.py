@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from datasets_prep.storage import download_file, exists, join, list_dirs, read_bytes, write_bytes
+from datasets_prep.storage import download_file, exists, is_uri, join, list_dirs, read_bytes, write_bytes
 from raytrain.checkpoints import atomic_write_text
 
 SUMMARY_FILE = "summary.json"
@@ -100,6 +100,18 @@ def read_summary(path: str | Path) -> RunSummary:
     if p.is_dir():
         p = p / SUMMARY_FILE
     return RunSummary.model_validate_json(p.read_text())
+
+
+def summary_at(location: str | Path) -> RunSummary | None:
+    """The summary of the run folder at `location`, a local folder or one in object storage (a trial of a
+    sweep with `storage:`, which may have run on another node); None when it has none yet."""
+    if not is_uri(location):
+        p = Path(location) / SUMMARY_FILE
+        return read_summary(p) if p.is_file() else None
+    try:
+        return RunSummary.model_validate_json(read_bytes(join(str(location), SUMMARY_FILE)))
+    except FileNotFoundError:
+        return None
 
 
 def write_summary(run_dir: Path, summary: RunSummary, storage_dir: str | None = None) -> None:

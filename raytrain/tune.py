@@ -11,7 +11,10 @@ each swept parameter, `best.yaml` (the pipeline with the best values), and with
 
 Sweep folder: `runs/<pipeline>/sweeps/<timestamp>/` holding `sweep.yaml`, `sweep.json`
 (status, trials, best), `base/`, `trials/`, `tune/` (Ray Tune's own state, for `--resume`),
-`trials.txt`, `sweep.png`, `best.yaml`.
+`trials.txt`, `sweep.png`, `best.yaml`. With `storage:` (a bucket or a folder every node shares),
+Tune's state, the base run and every trial's checkpoints, weights and summary.json live under
+`<storage>/<pipeline>/sweeps/<timestamp>/` instead, so a trial that ran on another node is read from
+there; the local folder keeps the driver's copies.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from typing import Any
 import yaml
 
 from datasets_prep.faults import pause_point
+from datasets_prep.storage import join, list_dirs, write_bytes
 from raytrain.checkpoints import atomic_write_text
 from raytrain.config.loader import ConfigError, load_config, set_values, with_values
 from raytrain.config.schema import PipelineConfig
 from raytrain.config.sweep import SweepConfig
 from raytrain.data.datasets import resolve
 from raytrain.pipeline import PipelineError, PipelineRunner, resolve_paths
-from raytrain.runs import SUMMARY_FILE, PhaseEntry, RunSummary, read_summary, write_summary
+from raytrain.runs import PhaseEntry, RunSummary, summary_at, write_summary
 from raytrain.tracking import Tracker, tracking_uri
 
 SWEEP_FILE = "sweep.json"
@@ -92,9 +96,11 @@ class Trial:
     """The Tune function of a sweep: one run folder, one `TorchTrainer` of the swept phase."""
 
     def __init__(self, raw: dict[str, Any], phase: str, base: dict[str, Any], sweep_dir: str,
-                 parent_run_id: str | None, scaling: dict[str, Any], mlflow_uri: str) -> None:
+                 parent_run_id: str | None, scaling: dict[str, Any], mlflow_uri: str,
+                 storage: str | None = None) -> None:
         self.raw, self.phase, self.base, self.sweep_dir = raw, phase, base, sweep_dir
         self.parent_run_id, self.scaling, self.mlflow_uri = parent_run_id, scaling, mlflow_uri
+        self.storage = storage  # the sweep's folder in `storage:`, when the pipeline has one
 
     def __call__(self, config: dict[str, Any]) -> None:
         import ray.tune
@@ -108,15 +114,16 @@ class Trial:
         pipe = with_values(load_config(raw=self.raw), {**values, f"phases.{self.phase}.scaling": self.scaling,
                                                        **TRIAL_TRACKING})
         run_dir = Path(self.sweep_dir) / "trials" / trial_id
-        done = run_dir / SUMMARY_FILE
-        if done.exists() and read_summary(done).entry(self.phase).status in ("finished", "gate_failed"):
+        storage_dir = join(self.storage, "trials", trial_id) if self.storage else None
+        done = summary_at(storage_dir or run_dir)
+        if done is not None and done.entry(self.phase).status in ("finished", "gate_failed"):
             return  # finished before the sweep was interrupted (Tune had not recorded it yet): not run again
         run_dir.mkdir(parents=True, exist_ok=True)
         with (run_dir / "starts.log").open("a") as f:  # one line per start of training
             f.write(f"{time.time():.3f}\n")
         pause_point("trial", len(list(run_dir.parent.glob("*/starts.log"))), Path(self.sweep_dir))
         runner = PipelineRunner(pipe, run_dir=run_dir, progress=False, report_evals=True,
-                                train_callbacks=[TuneReportCallback()])
+                                train_callbacks=[TuneReportCallback()], storage_dir=storage_dir)
         runner.summary.phases.update({k: PhaseEntry.model_validate(v) for k, v in self.base.items()
                                       if k not in runner.summary.phases})
         runner.summary.mlflow_run_id, runner.summary.trial = self.parent_run_id, {"id": trial_id, "values": values}
@@ -175,6 +182,8 @@ class Sweep:
         found = find_unfinished_sweep(root) if resume and sweep_dir is None else None
         self.dir = Path(sweep_dir) if sweep_dir else (found or root / _now())
         self.dir.mkdir(parents=True, exist_ok=True)
+        # With `storage`: Tune's state, the base run and the trials live there (any node reads and writes them).
+        self.storage = join(self.pipe.storage, self.pipe.name, "sweeps", self.dir.name) if self.pipe.storage else None
         state_file = self.dir / SWEEP_FILE
         self.state: dict[str, Any] = (json.loads(state_file.read_text()) if state_file.exists()
                                       else {"pipeline": self.pipe.name, "phase": sweep.phase, "status": "running"})
@@ -196,7 +205,14 @@ class Sweep:
         return raw
 
     def _save(self) -> None:
-        atomic_write_text(self.dir / SWEEP_FILE, json.dumps(self.state, indent=2))
+        text = json.dumps(self.state, indent=2)
+        atomic_write_text(self.dir / SWEEP_FILE, text)
+        if self.storage:
+            write_bytes(join(self.storage, SWEEP_FILE), text.encode())
+
+    def trial_dir(self, trial_id: str) -> str:
+        """Where a trial's summary.json is: the sweep's folder in `storage`, else the local sweep folder."""
+        return join(self.storage, "trials", trial_id) if self.storage else str(self.dir / "trials" / trial_id)
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def run(self, then_continue: bool = False) -> dict[str, Any]:
@@ -236,7 +252,8 @@ class Sweep:
         before = names[: names.index(self.sweep.phase)]
         if not before:
             return {}
-        runner = PipelineRunner(self.pipe, run_dir=self.dir / "base", only=before, mlflow_parent=parent)
+        runner = PipelineRunner(self.pipe, run_dir=self.dir / "base", only=before, mlflow_parent=parent,
+                                storage_dir=join(self.storage, "base") if self.storage else None)
         print(f"sweep {self.dir}: phases before {self.sweep.phase!r} ({', '.join(before)}) run once")
         summary = runner.run()
         self.state["base"] = str(runner.run_dir)
@@ -250,13 +267,14 @@ class Sweep:
 
         sw, phase = self.sweep, self.pipe.trained_phase(self.sweep.phase)
         scaling = trial_scaling(self.pipe, sw, ray.cluster_resources().get("CPU", 1))
-        trial = Trial(self.pipe._raw or {}, sw.phase, base, str(self.dir), parent, scaling, self.state["mlflow_uri"])
+        trial = Trial(self.pipe._raw or {}, sw.phase, base, str(self.dir), parent, scaling, self.state["mlflow_uri"],
+                      self.storage)
         # The trial function only drives its own TorchTrainer, whose workers hold the CPUs.
         trainable = tune.with_resources(tune.with_parameters(run_trial, trial=trial), {"CPU": TRIAL_CPU})
-        path = self.dir / "tune"
-        if tune.Tuner.can_restore(str(path)):
+        path = join(self.storage or str(self.dir), "tune")
+        if tune.Tuner.can_restore(path):
             print(f"sweep: resuming {path} (finished trials are not run again)")
-            return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+            return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                       resume_errored=True).fit()
         if sw.searcher.name == "optuna":
             try:
@@ -276,7 +294,7 @@ class Sweep:
             tune_config=tune.TuneConfig(metric=sw.metric, mode=sw.mode, num_samples=sw.num_samples,
                                         max_concurrent_trials=sw.max_concurrent_trials, search_alg=search,
                                         scheduler=scheduler),
-            run_config=tune.RunConfig(name="tune", storage_path=str(self.dir), verbose=1),
+            run_config=tune.RunConfig(name="tune", storage_path=self.storage or str(self.dir), verbose=1),
         )
         return tuner.fit()
 
@@ -284,9 +302,10 @@ class Sweep:
         """One row per trial: values, status, steps reached, last metric, MLflow run, folder."""
         sw = self.sweep
         folders = {}
-        for d in sorted((self.dir / "trials").glob(f"*/{SUMMARY_FILE}")):
-            s = read_summary(d)
-            if s.trial is not None:
+        trials = join(self.storage, "trials") if self.storage else str(self.dir / "trials")
+        for name in list_dirs(trials):
+            s = summary_at(self.trial_dir(name))
+            if s is not None and s.trial is not None:
                 folders[s.trial["id"]] = s
         rows = []
         for res in grid:
@@ -307,14 +326,16 @@ class Sweep:
                 status = "stopped early"
                 if summary is not None and entry is not None and entry.status != status:
                     entry.status, entry.error = "stopped early", None
-                    write_summary(self.dir / "trials" / tid, summary)
+                    local = self.dir / "trials" / tid  # the trial may have run on another node
+                    local.mkdir(parents=True, exist_ok=True)
+                    write_summary(local, summary, self.trial_dir(tid) if self.storage else None)
             rows.append({"trial": tid,
                          "values": res.config["values"], "status": status,
                          "steps": int(history[-1][0]) if history else 0,
                          "metric": float(history[-1][1]) if history else None, "history": history,
                          "mlflow_run_id": entry.mlflow_run_id if entry else None,
                          "mlflow_model_uri": entry.mlflow_model_uri if entry else None,
-                         "dir": str(self.dir / "trials" / tid),
+                         "dir": self.trial_dir(tid),
                          "error": str(res.error)[:500] if res.error else None})
         sign = -1 if sw.mode == "max" else 1
         rows.sort(key=lambda r: (r["metric"] is None, sign * (r["metric"] or 0.0)))
@@ -381,7 +402,9 @@ class Sweep:
         if best["trial"] != (self.state.get("best") or {}).get("trial"):
             print(f"note: the best trial by {self.sweep.metric} did not finish its phase; continuing from the best "
                   f"finished one, {best['trial']}")
-        trial = read_summary(Path(best["dir"]))
+        trial = summary_at(best["dir"])
+        if trial is None:
+            raise PipelineError(f"--then-continue: the best trial's summary.json is missing from {best['dir']}")
         cfg = with_values(self.pipe, best["values"], source=f"trial {best['trial']}")
         run_dir = Path(self.pipe.runs_dir) / self.pipe.name / _now()
         names = [p.name for p in cfg.phases]

@@ -1,8 +1,11 @@
-"""A tiny pipeline as a Ray Job on a real two-node Ray cluster, submitted the way users do.
+"""A tiny pipeline and a sweep as Ray Jobs on a real two-node Ray cluster, submitted the way users do.
 
 The two nodes live in two network namespaces on this machine, joined by a veth pair: the test
 sends traffic only to hosts it made. The head advertises no CPU, so every CPU task and actor
-(Ray Data reads, the Train worker) must run on the worker node; the job's driver runs on the head.
+(Ray Data reads, the Train worker, a sweep's trials) must run on the worker node; the job's driver runs
+on the head. The worker node has a disk of its own at `node_local/` (a tmpfs mounted in its mount
+namespace): what a trial writes there the head never sees, as on a real cluster, so a sweep's table
+can only list it through `storage:`.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ class Cluster:
     env: dict[str, str]
     helper: Path
     logs: Path
+    node_local: Path  # the head's disk here; the worker node sees an empty tmpfs of its own
 
     def run(self, ns: str, *cmd: str | Path, timeout: float, **kw: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ip", "netns", "exec", ns, *map(str, cmd)], env=self.env, capture_output=True,
@@ -112,17 +116,23 @@ class Cluster:
         return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _ray_start(cluster: Cluster, ns: str, name: str, *args: str) -> None:
-    res = cluster.run(ns, BIN / "ray", "start", *args, "--disable-usage-stats", timeout=180)
+def _ray_start(cluster: Cluster, ns: str, name: str, *args: str, private: Path | None = None) -> None:
+    cmd: list[str | Path] = [BIN / "ray", "start", *args, "--disable-usage-stats"]
+    if private is not None:  # a tmpfs over `private`, in the node's own mount namespace
+        cmd = ["sh", "-c", 'mount -t tmpfs -o size=256m tmpfs "$1" && shift && exec "$@"', "sh", private, *cmd]
+    res = cluster.run(ns, *cmd, timeout=180)
     (cluster.logs / f"ray_start_{name}.log").write_text(res.stdout + res.stderr)
     assert res.returncode == 0, f"ray start ({name}) failed:\n{res.stdout}\n{res.stderr}"
 
 
-@pytest.fixture
-def two_node_cluster(tmp_path: Path) -> Iterator[Cluster]:
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
+    tmp_path = tmp_path_factory.mktemp("cluster")
+    node_local = tmp_path / "node_local"
+    node_local.mkdir()
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:4]}"
     head_ns, worker_ns = f"rt-head-{tag}", f"rt-work-{tag}"
     veth_head, veth_worker = f"rth{tag[-8:]}", f"rtw{tag[-8:]}"  # interface names: at most 15 characters
@@ -138,7 +148,7 @@ def two_node_cluster(tmp_path: Path) -> Iterator[Cluster]:
     helper.write_text(HELPER)
     # Ray's unix sockets live under --temp-dir: pytest's tmp_path is too long for them.
     temp_dirs = [tempfile.mkdtemp(prefix="rt"), tempfile.mkdtemp(prefix="rt")]
-    cluster = Cluster(head_ns, worker_ns, env, helper, tmp_path)
+    cluster = Cluster(head_ns, worker_ns, env, helper, tmp_path, node_local)
     try:
         _ip("netns", "add", head_ns)
         _ip("netns", "add", worker_ns)
@@ -151,9 +161,11 @@ def two_node_cluster(tmp_path: Path) -> Iterator[Cluster]:
         _ray_start(cluster, head_ns, "head", "--head", "--node-ip-address", HEAD_IP, "--port", str(GCS_PORT),
                    "--dashboard-host", HEAD_IP, "--dashboard-port", str(DASHBOARD_PORT), "--num-cpus", "0",
                    "--object-store-memory", str(200 * 2**20), "--temp-dir", temp_dirs[0])
+        # `ip netns exec` runs in a mount namespace of its own: the tmpfs is seen by the worker node's Ray
+        # processes only, and goes when they do.
         _ray_start(cluster, worker_ns, "worker", "--address", f"{HEAD_IP}:{GCS_PORT}", "--node-ip-address",
                    WORKER_IP, "--num-cpus", "2", "--object-store-memory", str(300 * 2**20),
-                   "--temp-dir", temp_dirs[1])
+                   "--temp-dir", temp_dirs[1], private=node_local)
         deadline = time.monotonic() + 120
         while True:
             nodes = cluster.helper_json("nodes", timeout=120)
@@ -247,3 +259,62 @@ def test_tiny_pipeline_runs_as_a_ray_job_on_two_nodes(two_node_cluster: Cluster,
     worker_lines = [ln for ln in job["logs"].splitlines() if "(RayTrainWorker" in ln]
     assert worker_lines, f"no RayTrainWorker output in the job logs:\n{job['logs'][-4000:]}"
     assert all(f"ip={WORKER_IP}" in ln for ln in worker_lines), worker_lines[:5]
+
+
+def _submit(cluster: Cluster, tmp_path: Path, *command: str | Path) -> dict[str, Any]:
+    """`ray job submit` of `command` from the head; waits for the job and returns its info (logs in job.log)."""
+    job_id = f"raytrain_it_{uuid.uuid4().hex[:8]}"
+    sub = cluster.run(cluster.head_ns, BIN / "ray", "job", "submit", "--address",
+                      f"http://{HEAD_IP}:{DASHBOARD_PORT}", "--submission-id", job_id, "--working-dir", ROOT,
+                      "--runtime-env", RUNTIME_ENV, "--no-wait", "--", *command, timeout=180, cwd=ROOT)
+    assert sub.returncode == 0, f"ray job submit failed:\n{sub.stdout}\n{sub.stderr}"
+    job: dict[str, Any] = cluster.helper_json("job", job_id, str(JOB_DEADLINE_S), timeout=JOB_DEADLINE_S + 120)
+    (tmp_path / "job.log").write_text(job["logs"])
+    assert job["status"] == "SUCCEEDED", (f"job {job_id} ended {job['status']}: {job['message']}\n"
+                                          f"--- job logs ---\n{job['logs'][-12000:]}")
+    return job
+
+
+def test_a_sweep_lists_trials_that_ran_on_another_node_through_storage(two_node_cluster: Cluster, corpus: Path,
+                                                                       tmp_path: Path) -> None:
+    """The sweep's driver runs on the head, its trials on the worker node, which writes its run folders to a
+    disk the head cannot see; `storage:` (a folder both nodes share) holds Tune's state and the trials."""
+    from mlflow.tracking import MlflowClient
+
+    cluster = two_node_cluster
+    runs, storage = cluster.node_local / f"runs_{uuid.uuid4().hex[:6]}", tmp_path / "storage"
+    raw = pipeline_dict(corpus, runs)
+    raw["storage"] = str(storage)
+    raw["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # one store both nodes reach
+    raw["phases"] = [{"name": "a", "max_steps": 4, "eval_every": 4, "checkpoint_every": 4},
+                     {"name": "b", "init_from": "a", "max_steps": 4, "eval_every": 2, "checkpoint_every": 4}]
+    sweep = {"phase": "b", "metric": "eval/si_sdri", "mode": "max", "num_samples": 1, "max_concurrent_trials": 1,
+             "params": {"phases.b.optim.lr": {"grid": [1e-3, 3e-3]}}, "searcher": {"name": "grid"},
+             "scheduler": {"name": "fifo"}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    job = _submit(cluster, tmp_path, "raytrain", "tune", tmp_path / "p.yaml", "--sweep", tmp_path / "s.yaml")
+
+    local = sorted((runs / "it_sep" / "sweeps").glob(f"*/{'sweep.json'}"))
+    assert len(local) == 1, f"no sweep.json on the head's disk:\n{job['logs'][-4000:]}"
+    state = json.loads(local[0].read_text())
+    remote = storage / "it_sep" / "sweeps" / local[0].parent.name
+    assert state["status"] == "finished" and len(state["trials"]) == 2, state
+    assert sorted(r["values"]["phases.b.optim.lr"] for r in state["trials"]) == [1e-3, 3e-3]
+    for row in state["trials"]:
+        assert (row["status"], row["steps"]) == ("finished", 4), (row, job["logs"][-4000:])
+        assert row["metric"] is not None and row["dir"] == str(remote / "trials" / row["trial"])
+        trial = json.loads((remote / "trials" / row["trial"] / "summary.json").read_text())
+        assert trial["phases"]["b"]["status"] == "finished"
+        assert trial["phases"]["b"]["best_checkpoint_uri"].startswith(str(remote / "trials" / row["trial"]))
+        # The trial ran on the worker node: its own run folder is on that node's disk, not the head's.
+        assert not (local[0].parent / "trials" / row["trial"] / "summary.json").exists()
+    assert json.loads((remote / "sweep.json").read_text())["status"] == "finished"
+    assert list((remote / "tune").glob("experiment_state*.json")), "Tune's state is not in storage"
+    assert (remote / "base" / "summary.json").is_file()  # phase a ran once, for every trial
+
+    client = MlflowClient(tracking_uri=raw["tracking"]["uri"])
+    children = client.search_runs([client.get_run(state["mlflow_run_id"]).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{state['mlflow_run_id']}'")
+    assert sorted(r.info.run_name for r in children if r.info.run_name.startswith("trial")) == sorted(
+        f"trial {row['trial']}" for row in state["trials"])
