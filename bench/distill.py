@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.recipes import run_config  # noqa: E402
 
 TARGET = 0.8
 STUDENT = {"sample_rate": 8000, "num_sources": 2, "enc_kernel_size": 16, "enc_num_feats": 64, "msk_kernel_size": 3,
@@ -90,22 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True)
     cfg = run_dir.parent / f"distill-{stamp}.yaml"
     cfg.write_text(yaml.safe_dump(pipeline(recipe, weights, args.steps, args.runs_dir), sort_keys=False))
-    cmd = [sys.executable, "-m", "raytrain.cli", "run", str(cfg), "--run-dir", str(run_dir)]
-    print("$ raytrain run " + " ".join(cmd[4:]), flush=True)
-    t0 = time.perf_counter()
-    with (run_dir.parent / f"distill-{stamp}.log").open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            sys.stdout.buffer.write(line)
-            sys.stdout.flush()
-        rc = proc.wait()
-    wall = time.perf_counter() - t0
-    summary = json.loads((run_dir / "summary.json").read_text())
+    rc, wall, summary = run_config(cfg, run_dir)
     if rc != 0:
-        print(f"raytrain run exited {rc}; see {run_dir.parent / f'distill-{stamp}.log'}", file=sys.stderr)
+        print(f"raytrain run exited {rc}; see {run_dir.parent / f'{run_dir.name}.log'}", file=sys.stderr)
         return 1
     phases = summary["phases"]
     value = {n: phases[n]["final_metrics"]["eval/si_sdri"] for n in ("teacher", "alone", "distilled")}

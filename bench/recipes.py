@@ -68,8 +68,14 @@ def prepare(name: str) -> float:
 def train(name: str, run_dir: Path) -> tuple[int, float, dict[str, Any]]:
     """`raytrain run` of the committed config, its output streamed to the terminal and `<run_dir>.log`;
     returns its exit code, wall seconds and summary.json."""
+    return run_config(f"configs/pipelines/{name}.yaml", run_dir)
+
+
+def run_config(config: str | Path, run_dir: Path) -> tuple[int, float, dict[str, Any]]:
+    """`raytrain run CONFIG --run-dir RUN_DIR`, its output streamed to the terminal and `<run_dir>.log`;
+    returns its exit code, wall seconds and summary.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "raytrain.cli", "run", f"configs/pipelines/{name}.yaml", "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "raytrain.cli", "run", str(config), "--run-dir", str(run_dir)]
     print("$ " + " ".join(cmd[2:]), flush=True)
     t0 = time.perf_counter()
     with (run_dir.parent / f"{run_dir.name}.log").open("wb") as log:
