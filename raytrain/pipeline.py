@@ -78,7 +78,8 @@ class PipelineRunner:
         if resume and run_dir is None and found is None:
             log.warning("--resume: no unfinished run of %s under %s; starting a new run", self.pipe.name, runs_dir)
         # Absolute: Ray workers run in other folders and read checkpoints by these paths.
-        self.run_dir = (Path(run_dir) if run_dir else (found or runs_dir / self.pipe.name / new_run_id())).resolve()
+        root = runs_dir / self.pipe.name
+        self.run_dir = (Path(run_dir) if run_dir else (found or root / new_run_id(root))).resolve()
         self.resumed = (self.run_dir / "summary.json").exists()
         self.summary = (read_summary(self.run_dir) if self.resumed
                         else RunSummary(pipeline=self.pipe.name, run_id=self.run_dir.name))

@@ -122,8 +122,17 @@ def write_summary(run_dir: Path, summary: RunSummary, storage_dir: str | None = 
         write_bytes(join(storage_dir, SUMMARY_FILE), text.encode())
 
 
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S")
+def new_run_id(root: Path | None = None) -> str:
+    """A timestamp; with `root`, one no folder under it has yet (a second run started in the same second
+    gets `-2`, `-3`, ...), so two runs never share a folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if root is None:
+        return stamp
+    n, run_id = 1, stamp
+    while (root / run_id).exists():
+        n += 1
+        run_id = f"{stamp}-{n}"
+    return run_id
 
 
 def find_resumable(runs_dir: Path, name: str) -> Path | None:

@@ -233,6 +233,7 @@ class PhaseRunner:
         self.events = config.get("events") if self.rank == 0 else None
         self.reduce = _Reducer(self.world, self.device)
         self.eval_step = -1  # the step of the last evaluation
+        self.modules: dict[str, TrainedModule] = {}  # `modules:` of a train or distill phase (setup_kind)
 
     # ---- setup -------------------------------------------------------------------------------------
     def setup(self) -> None:

@@ -103,3 +103,12 @@ def test_a_module_loads_its_init_from_and_keeps_its_own_optimizer_schedule_and_s
     for a, b in zip(fresh.module.parameters(), m.module.parameters(), strict=True):
         assert torch.equal(a, b)
     assert fresh.opt.state_dict()["state"][0]["step"] == m.opt.state_dict()["state"][0]["step"]
+
+
+def test_module_keys_take_overrides_and_sweep_values(tmp_path: Path) -> None:
+    from raytrain.config.loader import with_values
+
+    cfg = with_values(load_config(raw=with_critic(tmp_path)), {"phases.student.modules.critic.optim.lr": 5e-3,
+                                                               "phases.student.modules.critic.updates_per_step": 2})
+    critic = cfg.phase("student").modules["critic"]
+    assert (critic.optim.lr, critic.updates_per_step, critic.every) == (5e-3, 2, 2)

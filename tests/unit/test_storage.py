@@ -60,3 +60,15 @@ def test_upload_dataset_skips_what_is_there_removes_stale_and_writes_the_manifes
     assert upload_dataset(src, dst) == {"uploaded": 1, "skipped": 2}
     assert not exists(join(dst, "shard-00009.parquet"))
     assert read_bytes(join(dst, "_manifest.json")) == b'{"rows": 4}'
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path: Path) -> None:
+    from raytrain.runs import new_run_id
+
+    first = new_run_id(tmp_path)
+    (tmp_path / first).mkdir()
+    second = new_run_id(tmp_path)
+    if second[:15] == first[:15]:  # the same second (the usual case): a suffix
+        assert second == f"{first}-2"
+    (tmp_path / second).mkdir()
+    assert new_run_id(tmp_path) not in {first, second}
