@@ -25,7 +25,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.override)
     only = [p.strip() for p in args.phases.split(",")] if args.phases else None
     runner = PipelineRunner(cfg, config_text=Path(args.config).read_text(), resume=args.resume, only=only,
-                            run_dir=args.run_dir, rebuild_cache=args.rebuild_cache)
+                            run_dir=args.run_dir, rebuild_cache=args.rebuild_cache, ignore_gates=args.ignore_gates)
     print(f"run folder: {runner.run_dir}")
     t0 = time.time()
     summary = runner.run()
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phases", help="comma-separated phase names to run (others are skipped)")
     p.add_argument("--resume", action="store_true", help="continue the last unfinished run of this pipeline")
     p.add_argument("--run-dir", help="use this run folder (default runs/<pipeline>/<timestamp>)")
+    p.add_argument("--ignore-gates", action="store_true",
+                   help="a gate that is not met is recorded in summary.json and MLflow; the pipeline goes on")
     p.add_argument("--rebuild-cache", action="store_true",
                    help="cache phases run their model again even where a cached dataset has the same key")
     p.set_defaults(fn=_run)

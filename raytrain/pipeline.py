@@ -20,7 +20,7 @@ from raytrain.checkpoints import atomic_write_text
 from raytrain.config.loader import ConfigError
 from raytrain.config.schema import PipelineConfig
 from raytrain.data.datasets import resolve
-from raytrain.phases.base import PhaseContext, PipelineError
+from raytrain.phases.base import GateFailed, PhaseContext, PipelineError
 from raytrain.plan import check_pipeline
 from raytrain.runs import (
     GateResult,
@@ -63,7 +63,8 @@ class PipelineRunner:
     def __init__(self, pipe: PipelineConfig, *, config_text: str | None = None, resume: bool = False,
                  only: list[str] | None = None, run_dir: str | Path | None = None, progress: bool | None = None,
                  train_callbacks: list[Any] | None = None, report_evals: bool = False,
-                 mlflow_parent: str | None = None, rebuild_cache: bool = False, storage_dir: str | None = None):
+                 mlflow_parent: str | None = None, rebuild_cache: bool = False, storage_dir: str | None = None,
+                 ignore_gates: bool = False):
         self.pipe = resolve_paths(pipe)
         self.plans = {p.phase.name: p for p in check_pipeline(self.pipe, require_data=True)}
         if only:
@@ -102,6 +103,7 @@ class PipelineRunner:
         self.report_evals = report_evals  # every evaluation is a ray.train.report (a sweep's scheduler)
         self.mlflow_parent = mlflow_parent  # the pipeline's MLflow run nests under this one (a sweep's)
         self.rebuild_cache = rebuild_cache
+        self.ignore_gates = ignore_gates  # a gate not met is recorded and the pipeline goes on
 
     # ---- summary -----------------------------------------------------------------------------------
     def save_summary(self) -> None:
@@ -184,28 +186,48 @@ class PipelineRunner:
 
     def _finish_phase(self, phase: Any, entry: PhaseEntry, run_id: str | None) -> None:
         """Gates on the phase's final metrics, the model in MLflow, the phase's status."""
-        entry.gates = []
-        for g in getattr(phase, "gates", []):
-            value = entry.final_metrics.get(g.metric)
-            ok = value is not None and (g.min is None or value >= g.min) and (g.max is None or value <= g.max)
-            entry.gates.append(GateResult(metric=g.metric, value=value, min=g.min, max=g.max, passed=ok))
+        entry.gates = [check_gate(g, entry.final_metrics) for g in getattr(phase, "gates", [])]
         if entry.best_checkpoint:
             self.tracker.artifact(run_id, entry.best_checkpoint, "checkpoint")
         failed = [g for g in entry.gates if not g.passed]
-        if not failed:  # the model in MLflow's format (tracking.log_model); a failure warns, the phase stays done
+        stop = bool(failed) and not self.ignore_gates
+        if not stop:  # the model in MLflow's format (tracking.log_model); a failure warns, the phase stays done
             from raytrain.tracking import log_phase_model
 
             log_phase_model(self.tracker, self.pipe, phase, entry, run_id)
-        entry.status = "gate_failed" if failed else "finished"
+        entry.status = "gate_failed" if stop else "finished"
+        entry.gates_ignored = bool(failed) and self.ignore_gates
+        self.tracker.tags(run_id, {f"gate.{g.metric}": gate_text(g) for g in entry.gates})
         self.save_summary()
-        self.tracker.end(run_id, "FAILED" if failed else "FINISHED")
+        self.tracker.end(run_id, "FAILED" if stop else "FINISHED")
         if failed:
-            text = "; ".join(f"{g.metric} = {g.value} (needs " +
-                             " and ".join(x for x in (f">= {g.min}" if g.min is not None else "",
-                                                      f"<= {g.max}" if g.max is not None else "") if x) + ")"
-                             for g in failed)
-            raise PipelineError(f"gate not met after phase {phase.name!r}: {text}. The pipeline stops here; "
-                                "train longer (max_steps), adjust the phase, or relax the gate, then --resume.")
+            text = "; ".join(gate_text(g) for g in failed)
+            if not stop:
+                print(f"phase {phase.name}: gate not met: {text} (--ignore-gates: going on)")
+                return
+            raise GateFailed(f"gate not met after phase {phase.name!r}: {text}. The pipeline stops here; "
+                             "train longer (max_steps), adjust the phase, or relax the gate, then --resume.")
+
+    def _gates_only_changed(self, phase: Any) -> bool:
+        """True when a gate_failed phase's config is the one it ran with, but for its gates: `--resume` then
+        re-checks the gates on the stored metrics instead of training again."""
+        stored = self.run_dir / phase.name / "config.yaml"
+        if not stored.is_file():
+            return False
+        before = yaml.safe_load(stored.read_text()) or {}
+        now = phase.model_dump(mode="json")
+        before.pop("gates", None)
+        now.pop("gates", None)
+        return bool(before == now)
+
+    def _recheck_gates(self, phase: Any, entry: PhaseEntry) -> None:
+        print(f"phase {phase.name}: gate_failed earlier; re-checking its gates on the stored metrics "
+              "(no retraining)")
+        run_id = self.tracker.start(phase.name, parent=self.summary.mlflow_run_id, run_id=entry.mlflow_run_id)
+        entry.mlflow_run_id = run_id
+        atomic_write_text(self.run_dir / phase.name / "config.yaml",
+                          yaml.safe_dump(phase.model_dump(mode="json"), sort_keys=False))
+        self._finish_phase(phase, entry, run_id)
 
     # ---- whole pipeline ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -225,13 +247,16 @@ class PipelineRunner:
                     continue
                 if self.only and phase.name not in self.only:
                     continue
-                if entry.status in ("running", "failed"):
+                if entry.status == "gate_failed" and self._gates_only_changed(phase):
+                    self._recheck_gates(phase, entry)
+                    continue
+                if entry.status in ("running", "failed", "gate_failed"):
                     print(f"phase {phase.name}: continuing from its last checkpoint")
                 self.run_phase(phase)
             done = all(self._phase_entry(p.name).status == "finished" for p in self.pipe.phases)
             self.summary.status = "finished" if done else "partial"
         except BaseException as exc:
-            self.summary.status = "failed"
+            self.summary.status = "gate_failed" if isinstance(exc, GateFailed) else "failed"
             self.summary.error = str(exc)[:2000]
             status = "FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED"
             raise
@@ -240,6 +265,21 @@ class PipelineRunner:
             self.tracker.artifact(parent, self.run_dir / "summary.json")
             self.tracker.end(parent, status)
         return self.summary.as_dict()
+
+
+def check_gate(gate: Any, metrics: dict[str, float]) -> GateResult:
+    """A gate against a phase's final metrics (a metric the phase did not report fails it)."""
+    value = metrics.get(gate.metric)
+    ok = value is not None and (gate.min is None or value >= gate.min) and (gate.max is None or value <= gate.max)
+    return GateResult(metric=gate.metric, value=value, min=gate.min, max=gate.max, passed=ok)
+
+
+def gate_text(g: GateResult) -> str:
+    """`eval/secs = 0.712 (needs >= 0.75)`: the metric, its value and the threshold."""
+    need = " and ".join(x for x in (f">= {g.min}" if g.min is not None else "",
+                                    f"<= {g.max}" if g.max is not None else "") if x)
+    value = "missing" if g.value is None else f"{g.value:.4g}"
+    return f"{g.metric} = {value} (needs {need})" + ("" if g.passed else " FAILED")
 
 
 def _root_cause(exc: BaseException) -> str:

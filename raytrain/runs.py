@@ -55,6 +55,7 @@ class PhaseEntry(_Model):
     final_metrics: dict[str, float] = Field(default_factory=dict)
     best_metric: dict[str, float | None] = Field(default_factory=dict)
     gates: list[GateResult] = Field(default_factory=list)
+    gates_ignored: bool = Field(False, description="a gate was not met and --ignore-gates ran on")
     best_checkpoint: str | None = None
     last_checkpoint: str | None = None
     best_checkpoint_uri: str | None = None
@@ -172,6 +173,7 @@ def summary_table(summary: RunSummary | dict[str, Any]) -> str:
     for name, e in s.phases.items():
         metrics = ", ".join(f"{k}={v:.3f}" for k, v in e.final_metrics.items())
         output = e.best_checkpoint or ", ".join(e.datasets.values()) or ", ".join(e.files.values()) or ""
-        rows.append((name, e.status, "" if e.steps is None else str(e.steps), metrics, output))
+        status = e.status + (" (gate ignored)" if e.gates_ignored else "")
+        rows.append((name, status, "" if e.steps is None else str(e.steps), metrics, output))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(widths[i]) if i < 4 else c for i, c in enumerate(r)) for r in rows)

@@ -111,6 +111,11 @@ class Tracker:
         if batch:
             self.client.log_batch(run_id, metrics=batch)
 
+    def tags(self, run_id: str | None, values: dict[str, str]) -> None:
+        if self.enabled and run_id is not None:
+            for k, v in values.items():
+                self.client.set_tag(run_id, k, v)
+
     def artifact(self, run_id: str | None, path: str | Path, artifact_path: str | None = None) -> None:
         if self.enabled and run_id is not None and Path(path).exists():
             self.client.log_artifact(run_id, str(path), artifact_path)

@@ -35,6 +35,10 @@ class PipelineError(RuntimeError):
     """A phase failed or a gate was not met; the message says which and why."""
 
 
+class GateFailed(PipelineError):
+    """A phase's gate was not met: the pipeline stops after it (`--ignore-gates` runs on)."""
+
+
 @dataclass(frozen=True)
 class DatasetUse:
     role: str  # "train", "eval", "source" (a cache phase's input) ...

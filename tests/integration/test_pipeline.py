@@ -105,20 +105,57 @@ def test_infer_separates_a_new_file_at_its_own_rate(finished_run: dict[str, Any]
         assert sr == 16000 and len(data) == len(mix) and np.abs(data).max() > 0
 
 
-def test_unmet_gate_stops_the_pipeline_with_a_clear_message(corpus: Path, ray_local: Any, tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    raw = pipeline_dict(corpus, tmp_path, gates=[{"metric": "eval/si_sdri", "min": 90.0}])
-    raw["phases"][0]["max_steps"] = 2
-    raw["phases"][0]["checkpoint_every"] = 2
-    raw["phases"][1]["max_steps"] = 2
+def test_unmet_gate_stops_the_pipeline_and_resume_rechecks_it_on_the_stored_metrics(
+        corpus: Path, ray_local: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    raw = pipeline_dict(corpus, tmp_path)
+    raw["phases"][0].update(max_steps=2, checkpoint_every=2, eval_every=2,
+                            gates=[{"metric": "eval/si_sdri", "min": 90.0}])
+    raw["phases"][1].update(max_steps=2, checkpoint_every=2, eval_every=2)
     runner = PipelineRunner(load_config(raw=raw), progress=False)
-    with pytest.raises(PipelineError, match=r"gate not met after phase 'b': eval/si_sdri = .* \(needs >= 90.0\)"):
+    with pytest.raises(PipelineError, match=r"gate not met after phase 'a': eval/si_sdri = .* \(needs >= 90.0\)"):
         runner.run()
     summary = json.loads((runner.run_dir / "summary.json").read_text())
-    assert summary["phases"]["b"]["status"] == "gate_failed"
-    assert summary["status"] == "failed"
+    assert summary["phases"]["a"]["status"] == "gate_failed" and "b" not in summary["phases"]
+    assert summary["status"] == "gate_failed"
+    client = MlflowClient(tracking_uri=summary["mlflow_uri"])
+    assert client.get_run(summary["phases"]["a"]["mlflow_run_id"]).info.status == "FAILED"
     # cache: auto holds the small corpus in memory: read once per phase, not every epoch.
-    assert capsys.readouterr().out.count("data train: read once") == 2
+    assert capsys.readouterr().out.count("data train: read once") == 1
+    value = summary["phases"]["a"]["final_metrics"]["eval/si_sdri"]
+    best = Path(summary["phases"]["a"]["best_checkpoint"])
+    stamp = best.stat().st_mtime_ns
+    ignored_dir = tmp_path / "it_sep" / "ignored"
+    shutil.copytree(runner.run_dir, ignored_dir)
+
+    # The threshold edited, --resume: the gate is checked again on the stored metrics (no retraining) and
+    # the pipeline goes on with b.
+    raw["phases"][0]["gates"] = [{"metric": "eval/si_sdri", "min": -100.0}]
+    resumed = PipelineRunner(load_config(raw=raw), resume=True, progress=False)
+    assert resumed.run_dir == runner.run_dir
+    summary = resumed.run()
+    out = capsys.readouterr().out
+    assert "phase a: gate_failed earlier; re-checking its gates on the stored metrics (no retraining)" in out
+    assert out.count("data train: read once") == 1  # b's training only
+    a = summary["phases"]["a"]
+    assert a["status"] == "finished" and a["gates"][0]["passed"] and a["final_metrics"]["eval/si_sdri"] == value
+    assert best.stat().st_mtime_ns == stamp
+    assert summary["phases"]["b"]["status"] == "finished" and summary["phases"]["b"]["steps"] == 2
+    assert summary["status"] == "finished"
+    assert client.get_run(a["mlflow_run_id"]).info.status == "FINISHED"
+    assert client.get_run(a["mlflow_run_id"]).data.tags["gate.eval/si_sdri"].startswith("eval/si_sdri = ")
+
+    # --ignore-gates with the unmet threshold: the failure is recorded and the pipeline runs on.
+    raw["phases"][0]["gates"] = [{"metric": "eval/si_sdri", "min": 90.0}]
+    summary = PipelineRunner(load_config(raw=raw), run_dir=ignored_dir, only=["a"], ignore_gates=True,
+                             progress=False).run()
+    assert "phase a: gate not met: eval/si_sdri = " in capsys.readouterr().out
+    a = summary["phases"]["a"]
+    assert a["status"] == "finished" and a["gates_ignored"] and not a["gates"][0]["passed"]
+    assert a["gates"][0]["value"] == value and best.stat().st_mtime_ns == stamp
 
 
 def test_nan_guard_skips_steps_then_aborts_with_a_clear_error(corpus: Path, ray_local: Any, tmp_path: Path) -> None:
