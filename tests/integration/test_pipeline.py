@@ -128,7 +128,7 @@ def test_unmet_gate_stops_the_pipeline_and_resume_rechecks_it_on_the_stored_metr
     value = summary["phases"]["a"]["final_metrics"]["eval/si_sdri"]
     best = Path(summary["phases"]["a"]["best_checkpoint"])
     stamp = best.stat().st_mtime_ns
-    ignored_dir = tmp_path / "it_sep" / "ignored"
+    ignored_dir = tmp_path / "copies" / "ignored"  # outside runs_dir: --resume below must not pick it
     shutil.copytree(runner.run_dir, ignored_dir)
 
     # The threshold edited, --resume: the gate is checked again on the stored metrics (no retraining) and
