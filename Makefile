@@ -19,6 +19,10 @@ $(VENV)/.stamp: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e ".[test]"
+# resemblyzer (speaker encoder of the voice-conversion metrics and loss; weights in the wheel) without its
+# dependencies: `webrtcvad` imports pkg_resources, gone from the setuptools torch brings; webrtcvad-wheels,
+# a main dependency, provides the same module. Its others (librosa, numpy, scipy, torch) are main ones.
+	$(PIP) install -q -c constraints.txt --no-deps resemblyzer==0.1.4
 	touch $@
 
 venv: $(VENV)/.stamp

@@ -6,10 +6,11 @@ A prep YAML names its source in one of two ways:
   ``wsj0-2mix``; see ``datasets_prep.readers.manifests``), run through ``steps`` and, with
   ``splits``, cut into one dataset folder per split under ``output_dir`` (else ``output_dir``
   is the dataset);
-- ``generator: {kind: espeak, ...}``: the synthetic separation corpus, written as three
-  datasets under ``output_dir``: ``train`` (train voices reading train sentences),
-  ``dev_speech`` (held-out voices reading held-out sentences) and ``dev`` (fixed 2-speaker
-  mixtures made only from ``dev_speech``).
+- ``generator: {kind: espeak, ...}``: a synthetic corpus, by ``layout``: ``separation`` writes
+  ``train`` (train voices reading train sentences), ``dev_speech`` (held-out voices reading held-out
+  sentences) and ``dev`` (fixed 2-speaker mixtures made only from ``dev_speech``); ``asr`` writes
+  train/dev/test sets; ``vc`` writes parallel speech corpora, their parallel pairs and dev triples
+  (``datasets_prep.vc``).
 
 Either way the shards are written by the Ray Data executor (``datasets_prep.execute``) on
 ``workers`` tasks: bad files become rows of ``_rejects.parquet``, finished shards are not
@@ -20,7 +21,9 @@ already records the same parameters is skipped entirely (raw utterances are not 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
+import re
 import time
 import typing
 from pathlib import Path
@@ -33,8 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from datasets_prep.execute import prepare_items
 from datasets_prep.mixtures import mixture_params, write_fixed_mixtures
 from datasets_prep.readers.espeak import (
+    VoiceSpec,
     generate_corpus,
     make_sentences,
+    make_syllable_sentences,
     split_voices,
     vocab_split,
     vocabulary,
@@ -44,10 +49,82 @@ from datasets_prep.shards import MANIFEST_NAME, decode_audio, read_manifest, sha
 from datasets_prep.splits import parse_ratios, split_items
 from datasets_prep.steps.audio import STEPS
 from datasets_prep.storage import is_uri, join, upload_dataset
+from datasets_prep.vc import (
+    Speech,
+    Triple,
+    pair_params,
+    possible_triples,
+    read_speech,
+    select_self_triples,
+    select_triples,
+    shards_sha256,
+    triple_params,
+    write_pairs,
+    write_triples,
+)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _check_words(key: str, words: tuple[int, int] | None) -> None:
+    if words and not 1 <= words[0] <= words[1]:
+        raise ValueError(f"{key}={list(words)}: give [min, max] with 1 <= min <= max")
+
+
+class VcCorpus(_Strict):
+    """One speech corpus of ``layout: vc``: its voices read a small sentence pool, so that most sentences
+    are read by several voices (what makes parallel pairs)."""
+
+    language: list[str] | None = Field(default=None, min_length=1)  # espeak-ng languages/accents (None: 8 English)
+    voices: int = Field(ge=2)
+    sentences: int = Field(ge=1)  # sentence pool
+    utterances_per_voice: int = Field(ge=2)  # distinct sentences each voice reads (>= 2: one is a reference)
+    text: Literal["words", "syllables"] = "words"  # syllables: pseudo-Spanish words (make_syllable_sentences)
+    pitches: list[int] | None = Field(default=None, min_length=1)  # espeak -p values (None: espeak.PITCHES)
+    speeds: list[int] | None = Field(default=None, min_length=1)  # espeak -s values (None: espeak.SPEEDS)
+    train_words: tuple[int, int] | None = None  # (min, max) words of a sentence (None: 4-10)
+
+    @model_validator(mode="after")
+    def _fits(self) -> VcCorpus:
+        if self.utterances_per_voice > self.sentences:
+            raise ValueError(f"utterances_per_voice={self.utterances_per_voice} exceeds sentences ({self.sentences}): "
+                             "each voice reads distinct sentences")
+        if self.pitches and not all(0 <= p <= 99 for p in self.pitches):
+            raise ValueError(f"pitches={self.pitches}: espeak-ng pitches are 0-99")
+        _check_words("train_words", self.train_words)
+        return self
+
+    def lengths(self) -> dict[str, int]:
+        return dict(zip(("min_words", "max_words"), self.train_words, strict=True)) if self.train_words else {}
+
+
+class DevRooms(_Strict):
+    """The rooms of ``dev_reverb/`` (layout vc): keep them outside the training augmentation's ranges
+    (``room_reverb``'s defaults: RT60 0.15-0.45 s, rooms up to 7 x 6 x 3.2 m), so dev measures robustness
+    to rooms the model never heard."""
+
+    rt60: tuple[float, float] = (0.5, 0.8)  # seconds, drawn per row
+    room_size: tuple[tuple[float, float], tuple[float, float], tuple[float, float]] = (
+        (7.5, 12.0), (6.5, 10.0), (3.3, 4.5))  # [min, max] metres of x, y, z
+    seed: int = 2
+
+    @model_validator(mode="after")
+    def _ranges(self) -> DevRooms:
+        for key, (lo, hi) in [("rt60", self.rt60), *(("room_size", r) for r in self.room_size)]:
+            if not 0 < lo <= hi:
+                raise ValueError(f"{key}: give [min, max] with 0 < min <= max, got {[lo, hi]}")
+        if min(lo for lo, _ in self.room_size) < 1.5:
+            raise ValueError("room_size: every side needs at least 1.5 m (source and microphone stay 0.5 m "
+                             "from the walls)")
+        return self
+
+
+_FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_VC_RESERVED = ("dev", "dev_speech", "dev_reverb", "dev_self")
+_VC_KEYS = ("corpora", "pairs_per_sentence", "self_pairs", "dev_triples", "dev_words", "dev_rooms",
+            "reference_utterances", "dev_self_triples")
 
 
 class EspeakGenerator(_Strict):
@@ -68,7 +145,10 @@ class EspeakGenerator(_Strict):
     # separation: train/, dev_speech/ (held-out voices and words), dev/ (fixed mixtures of dev_speech).
     # asr: train/, dev/ and test/ spoken by the train voices; dev and test sentences use words no train
     # sentence uses (half of the held-out vocabulary each); test/ is prepared from a TSV manifest.
-    layout: Literal["separation", "asr"] = "separation"
+    # vc: <corpus>/speech/ and <corpus>/pairs/ for each of `corpora`, dev_speech/ (held-out voices reading
+    # held-out sentences, every voice all `dev_sentences`), dev/ and dev_reverb/ (fixed triples); see
+    # datasets_prep.vc.
+    layout: Literal["separation", "asr", "vc"] = "separation"
     test_sentences: int = Field(default=60, ge=1)  # asr: sentence pool of test/
     eval_utterances_per_voice: int = Field(default=4, ge=1)  # asr: sentences each voice reads in dev/ and test/
     # A word-list file (e.g. /usr/share/dict/words) instead of the 497 shipped words, and how many to draw.
@@ -82,6 +162,24 @@ class EspeakGenerator(_Strict):
     # the test sentences read by voices whose timbres no train voice uses (None: no such split).
     eval_voices: int | None = Field(default=None, ge=1)
     heldout_voices: int | None = Field(default=None, ge=1)
+    # vc: the training corpora {name: VcCorpus}, parallel pairs per sentence (a share of them source ==
+    # target), the dev triples (half across genders), the length of dev sentences and the dev_reverb rooms.
+    corpora: dict[str, VcCorpus] | None = None
+    pairs_per_sentence: int = Field(default=12, ge=1)
+    self_pairs: float = Field(default=0.2, ge=0, lt=1)
+    dev_triples: int = Field(default=40, ge=2)
+    dev_words: tuple[int, int] | None = None  # (min, max) words of a dev sentence (None: 4-10)
+    dev_rooms: DevRooms = Field(default_factory=DevRooms)
+    # vc: utterances of the target voice joined into one speaker reference (a single 2 s sentence gives a
+    # noisy speaker embedding: the target voice's own speech scored 0.80 SECS against one, 0.86 against
+    # three), and the dev_self/ rows (a voice converted to itself: the self-reconstruction check).
+    reference_utterances: int = Field(default=3, ge=1)
+    dev_self_triples: int = Field(default=20, ge=1)
+
+    def source_params(self) -> dict[str, Any]:
+        """What a separation/asr dataset records of its generator: not ``workers`` (no effect on the output),
+        nor the vc layout's keys (so that adding them did not make earlier datasets stale)."""
+        return self.model_dump(mode="json", exclude={"workers", *_VC_KEYS}, exclude_none=True)
 
     def train_lengths(self) -> dict[str, int]:
         """``make_sentences`` keywords for train sentences (empty: its defaults)."""
@@ -91,8 +189,9 @@ class EspeakGenerator(_Strict):
     def _enough_sentences(self) -> EspeakGenerator:
         if self.pitches and not all(0 <= p <= 99 for p in self.pitches):
             raise ValueError(f"pitches={self.pitches}: espeak-ng pitches are 0-99")
-        if self.train_words and not 1 <= self.train_words[0] <= self.train_words[1]:
-            raise ValueError(f"train_words={list(self.train_words)}: give [min, max] with 1 <= min <= max")
+        _check_words("train_words", self.train_words)
+        if self.layout == "vc":
+            return self._check_vc()
         if self.layout == "asr":
             if self.eval_voices and self.eval_voices > self.train_voices:
                 raise ValueError(f"eval_voices={self.eval_voices} exceeds train_voices ({self.train_voices}): dev and "
@@ -108,6 +207,55 @@ class EspeakGenerator(_Strict):
         if self.utterances_per_voice > n:
             raise ValueError(f"utterances_per_voice={self.utterances_per_voice} exceeds train_sentences/"
                              f"dev_sentences ({n}): each voice reads distinct sentences")
+        return self
+
+    def vc_voices(self) -> tuple[dict[str, list[VoiceSpec]], list[VoiceSpec]]:
+        """({corpus: its voices}, dev voices). One seed and ``dev_variant_fraction`` hold the same timbres
+        out of every ``split_voices`` call, so no training voice of any corpus has a dev voice's timbre."""
+        def split(n_train: int, n_dev: int, bases: list[str] | None, pitches: list[int] | None,
+                  speeds: list[int] | None) -> tuple[list[VoiceSpec], list[VoiceSpec]]:
+            return split_voices(n_train, n_dev, self.seed, self.dev_variant_fraction, bases=bases, pitches=pitches,
+                                speeds=speeds)
+
+        corpora = {}
+        for name, c in (self.corpora or {}).items():
+            try:
+                corpora[name] = split(c.voices, 1, c.language, c.pitches, c.speeds)[0]
+            except ValueError as e:
+                raise ValueError(f"corpora.{name}.voices={c.voices}: {e}; add languages, pitches or speeds") from None
+        try:
+            dev = split(1, self.dev_voices, self.language, self.pitches, self.speeds)[1]
+        except ValueError as e:
+            raise ValueError(f"dev_voices={self.dev_voices}: {e}; add languages, pitches or speeds") from None
+        return corpora, dev
+
+    def _check_vc(self) -> EspeakGenerator:
+        if not self.corpora:
+            raise ValueError("corpora: layout vc needs its training corpora, e.g. corpora: {vctk: {language: [en], "
+                             "voices: 16, sentences: 60, utterances_per_voice: 20}}")
+        for name in self.corpora:
+            if not _FOLDER_NAME.match(name) or name in _VC_RESERVED:
+                raise ValueError(f"corpora: {name!r} cannot name a folder of the output: use letters, digits, _ . - "
+                                 f"and none of {list(_VC_RESERVED)}")
+        _check_words("dev_words", self.dev_words)
+        if self.dev_sentences < 2:
+            raise ValueError(f"dev_sentences={self.dev_sentences}: a dev triple's reference reads another dev "
+                             "sentence than its source; give at least 2")
+        _, dev = self.vc_voices()
+        genders = [v.gender for v in dev]
+        if {"M", "F"} - set(genders):
+            raise ValueError(f"dev_voices={self.dev_voices}: the dev voices are all {genders[0]}; cross-gender "
+                             "triples need both: raise dev_voices")
+        can = possible_triples(genders, self.dev_sentences)
+        n_cross, n_within = self.dev_triples - self.dev_triples // 2, self.dev_triples // 2
+        if n_cross > can["cross"] or n_within > can["within"]:
+            raise ValueError(f"dev_triples={self.dev_triples} exceeds what {self.dev_voices} dev voices reading "
+                             f"{self.dev_sentences} sentences give ({can['cross']} cross-gender, {can['within']} "
+                             "within-gender distinct triples, half of each wanted): lower dev_triples or raise "
+                             "dev_voices/dev_sentences")
+        if self.dev_self_triples > len(dev) * self.dev_sentences:
+            raise ValueError(f"dev_self_triples={self.dev_self_triples} exceeds the {len(dev) * self.dev_sentences} "
+                             f"utterances of {len(dev)} dev voices reading {self.dev_sentences} sentences: lower it")
         return self
 
 
@@ -171,6 +319,9 @@ class PrepConfig(_Strict):
                 self.sample_rate = 16000
             if self.dev_mixtures is None:
                 self.dev_mixtures = DevMixtures()
+            if self.generator.layout == "vc" and not any(_step(spec)[0] == "features" for spec in self.steps):
+                raise ValueError("steps: layout vc needs the features step (pairs are aligned on its mel), e.g. "
+                                 "steps: [resample, normalize, vad_trim, {segment: {max_seconds: 30}}, features]")
         elif self.raw_dir is not None or self.dev_mixtures is not None:
             raise ValueError("raw_dir/dev_mixtures belong to the espeak generator, not to input")
         for spec in self.steps:
@@ -289,6 +440,8 @@ def run_prep_config(cfg: PrepConfig, *, root: Path | None = None) -> dict:
         splits = _run_input(cfg, root, out_dir)
     elif cfg.generator.layout == "asr":
         splits = _run_generator_asr(cfg, root, out_dir)
+    elif cfg.generator.layout == "vc":
+        splits = _run_generator_vc(cfg, root, out_dir)
     else:
         splits = _run_generator(cfg, root, out_dir)
     if remote:
@@ -343,7 +496,7 @@ def _run_generator(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, dict
     train_slice, dev_slice = vocab_split(g.dev_vocab_fraction)
     vocab = vocabulary(g.words, g.vocabulary_size)
     base = {"name": cfg.name, "sample_rate": sr, "rows_per_shard": cfg.rows_per_shard,
-            "source": g.model_dump(mode="json", exclude={"workers"}, exclude_none=True)}
+            "source": g.source_params()}
     plans = [
         ("train", train_voices, make_sentences(g.train_sentences, g.seed, train_slice, vocab=vocab, **g.train_lengths())),
         ("dev_speech", dev_voices, make_sentences(g.dev_sentences, g.seed, dev_slice, vocab=vocab)),
@@ -403,7 +556,7 @@ def _run_generator_asr(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, 
     eval_voices = voices[:g.eval_voices] if g.eval_voices else voices
     f, vocab = g.dev_vocab_fraction, vocabulary(g.words, g.vocabulary_size)
     base = {"name": cfg.name, "sample_rate": sr, "rows_per_shard": cfg.rows_per_shard,
-            "source": g.model_dump(mode="json", exclude={"workers"}, exclude_none=True)}
+            "source": g.source_params()}
     test_sentences = make_sentences(g.test_sentences, g.seed, (1.0 - f / 2, 1.0), vocab=vocab)
     plans = [
         ("train", voices, g.utterances_per_voice,
@@ -434,6 +587,96 @@ def _run_generator_asr(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, 
     return splits
 
 
+def _sha(lines: list[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _seed_of(seed: int, name: str) -> int:
+    """A corpus's own seed: two corpora of one language read different sentences."""
+    return int(_sha([str(seed), name])[:8], 16)
+
+
+def _run_generator_vc(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, dict]:
+    """The ``layout: vc`` corpus: per corpus ``<name>/speech/`` and ``<name>/pairs/``, then ``dev_speech/``,
+    ``dev/``, ``dev_reverb/`` and ``dev_self/`` (see ``datasets_prep.vc``). Every folder is skipped when its manifest
+    records the same parameters (and, for pairs and triples, the same source shards)."""
+    g, sr = cfg.generator, cfg.sample_rate
+    assert g is not None and g.corpora and sr is not None and cfg.raw_dir is not None
+    raw_dir = _resolve(root, cfg.raw_dir)
+    train_slice, dev_slice = vocab_split(g.dev_vocab_fraction)
+    vocab = vocabulary(g.words, g.vocabulary_size)
+    corpus_voices, dev_voices = g.vc_voices()
+    held = {v.variant for v in dev_voices}
+    for name, voices in corpus_voices.items():  # split_voices' promise, checked: it is what dev measures
+        if leaked := sorted(held & {v.variant for v in voices}):
+            raise RuntimeError(f"corpora.{name}: train voices use the dev timbres {leaked}")
+    common = {"name": cfg.name, "layout": "vc", "sample_rate": sr, "rows_per_shard": cfg.rows_per_shard,
+              "seed": g.seed}
+    chain = {"steps": _described(cfg), "audio_format": cfg.audio_format}
+    splits: dict[str, dict] = {}
+
+    def speech(split: str, voices: list[VoiceSpec], per_voice: int, sentences: list[str], seed: int) -> None:
+        t0 = time.perf_counter()
+        out = out_dir / split
+        prep = {**common, "split": split, "voices": [v.id for v in voices], "utterances_per_voice": per_voice,
+                "corpus_seed": seed, "sentences_sha256": _sha(sentences)}
+        status = "up to date"
+        if not _up_to_date(out, {**prep, **chain}):
+            raw = raw_dir / split.split("/")[0]
+            generate_corpus(raw, voices, per_voice, sentences, sr, seed, workers=g.workers)
+            _write(list_items("speaker-dirs", raw), out, cfg, "speech", ["audio"], prep, None)
+            status = "written"
+        splits[split] = _summary(out, status, t0)
+
+    for name, c in g.corpora.items():
+        seed = _seed_of(g.seed, name)
+        if c.text == "syllables":  # no English word, so no dev word, is a syllable-word
+            sentences = make_syllable_sentences(c.sentences, seed, train_slice, exclude=frozenset(vocab),
+                                                **c.lengths())
+        else:
+            sentences = make_sentences(c.sentences, seed, train_slice, vocab=vocab, **c.lengths())
+        speech(f"{name}/speech", corpus_voices[name], c.utterances_per_voice, sentences, seed)
+        t0 = time.perf_counter()
+        out = out_dir / name / "pairs"
+        prep = {**common, "split": f"{name}/pairs", "from_sha256": shards_sha256(out_dir / name / "speech")}
+        status = "up to date"
+        if not _up_to_date(out, {"pairs": pair_params(g.pairs_per_sentence, g.self_pairs, g.seed,
+                                                      g.reference_utterances), **prep}):
+            write_pairs(read_speech(out_dir / name / "speech"), out, per_sentence=g.pairs_per_sentence,
+                        self_share=g.self_pairs, seed=g.seed, rows_per_shard=cfg.rows_per_shard, prep=prep,
+                        references=g.reference_utterances)
+            status = "written"
+        splits[f"{name}/pairs"] = _summary(out, status, t0)
+
+    dev_lengths = dict(zip(("min_words", "max_words"), g.dev_words, strict=True)) if g.dev_words else {}
+    dev_sentences = make_sentences(g.dev_sentences, g.seed, dev_slice, vocab=vocab, **dev_lengths)
+    speech("dev_speech", dev_voices, g.dev_sentences, dev_sentences, g.seed)  # every dev voice reads every sentence
+    source = out_dir / "dev_speech"
+    gender = {v.id: v.gender for v in dev_voices}
+    rooms = g.dev_rooms.model_dump(mode="json")
+    picked: tuple[Speech, list[Triple]] | None = None  # read once for both sets
+    for split, room in (("dev", None), ("dev_reverb", rooms), ("dev_self", None)):
+        t0 = time.perf_counter()
+        prep = {**common, "split": split, "from_sha256": shards_sha256(source)}
+        num = g.dev_self_triples if split == "dev_self" else g.dev_triples
+        params = triple_params(num, g.seed, room, g.reference_utterances, same_voice=split == "dev_self")
+        status = "up to date"
+        if not _up_to_date(out_dir / split, {"triples": params, **prep}):
+            dev = picked[0] if picked is not None else read_speech(source)
+            if split == "dev_self":
+                chosen = select_self_triples(dev, num, g.seed, g.reference_utterances)
+            else:
+                if picked is None:
+                    picked = dev, select_triples(dev, num, g.seed, gender=gender.__getitem__,
+                                                 references=g.reference_utterances)
+                chosen = picked[1]
+            write_triples(dev, chosen, out_dir / split, seed=g.seed, rooms=room, rows_per_shard=cfg.rows_per_shard,
+                          prep=prep, params=params)
+            status = "written"
+        splits[split] = _summary(out_dir / split, status, t0)
+    return splits
+
+
 def _described(cfg: PrepConfig) -> list[dict[str, Any]]:
     from datasets_prep.steps.audio import Chain
 
@@ -449,9 +692,10 @@ def _summary(folder: Path, status: str, t0: float) -> dict:
 
 def _print_table(result: dict) -> None:
     print(f"prep {result['name']} -> {result['output_dir']}")
-    print(f"  {'split':<11} {'status':<10} {'rows':>6} {'hours':>7} {'speakers':>8} {'rejects':>7} {'seconds':>8}")
+    w = max([11, *map(len, result["splits"])])
+    print(f"  {'split':<{w}} {'status':<10} {'rows':>6} {'hours':>7} {'speakers':>8} {'rejects':>7} {'seconds':>8}")
     for split, s in result["splits"].items():
-        print(f"  {split:<11} {s['status']:<10} {s['rows']:>6} {s['hours']:>7.3f} {s['speakers']:>8} "
+        print(f"  {split:<{w}} {s['status']:<10} {s['rows']:>6} {s['hours']:>7.3f} {s['speakers']:>8} "
               f"{s['rejects']:>7} {s['seconds']:>8.1f}")
     print(f"  total {result['seconds']:.1f} s")
 

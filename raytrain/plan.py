@@ -114,6 +114,10 @@ def check_pipeline(pipe: PipelineConfig, *, require_data: bool = False) -> list[
             plan.datasets.append((use.role, use.name, manifest))
         problems.extend(_check_columns(kind, pipe, phase, plan, produced, where))
         rates = {m["sample_rate"] for _, _, m in plan.datasets if m and m.get("sample_rate")}
+        for _, name, m in plan.datasets:  # a dataset an earlier phase writes: the rate its columns declare
+            if m is None and name in produced:
+                rates |= {int(c["sample_rate"]) for c in produced[name][1].values()
+                          if isinstance(c, dict) and c.get("role") == "audio" and c.get("sample_rate")}
         mcfg = pipe.phase_model(phase)
         model_sr = mcfg.args.get("sample_rate")
         if len(rates) > 1:

@@ -185,6 +185,38 @@ def make_sentences(n: int, seed: int, vocab_slice: tuple[float, float] = (0.0, 1
     return out
 
 
+# Spanish spelling is phonemic, so any string of these syllables is read the same way by every
+# Spanish voice: pseudo-words that give a second language without a word list.
+_ONSETS = ("b", "d", "f", "g", "j", "l", "m", "n", "p", "r", "s", "t", "v", "ch", "ll")
+_VOWELS = ("a", "e", "i", "o", "u")
+_CODAS = ("n", "s", "r")  # no "l": "l" + "ll" would spell a triple l
+
+
+@cache
+def syllable_vocabulary(size: int = 800, exclude: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    """``size`` distinct pseudo-Spanish words of 2-3 CV/CVC syllables, in a fixed order (like
+    ``vocabulary``: any slice mixes short and long words); words in ``exclude`` (a real word list) never
+    occur, so held-out words stay held out across languages."""
+    rng = random.Random("raytrain-syllables")
+    words: list[str] = []
+    seen = set(exclude)
+    while len(words) < size:
+        w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + (rng.choice(_CODAS) if rng.random() < 0.3 else "")
+                    for _ in range(rng.randint(2, 3)))
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    return tuple(words)
+
+
+def make_syllable_sentences(n: int, seed: int, vocab_slice: tuple[float, float] = (0.0, 1.0),
+                            min_words: int = 4, max_words: int = 10,
+                            exclude: frozenset[str] = frozenset()) -> list[str]:
+    """``make_sentences`` over ``syllable_vocabulary(exclude=exclude)``: ``vocab_split`` slices of it
+    hold syllable-words out for dev as they do English words."""
+    return make_sentences(n, seed, vocab_slice, min_words, max_words, vocab=syllable_vocabulary(exclude=exclude))
+
+
 def _espeak() -> str:
     exe = shutil.which("espeak-ng")
     if exe is None:

@@ -296,6 +296,9 @@ class TeacherConfig(Strict):
     path: str | None = None
     checkpoint: Literal["best", "last"] = "best"
     model: ModelConfig | None = Field(None, description="default: the model of `phase`; required with `path`")
+    args: dict[str, Any] = Field(default_factory=dict,
+                                 description="model arguments that differ when it teaches (e.g. a flow teacher's "
+                                             "sample_steps); merged over its model's args")
 
     @model_validator(mode="after")
     def _one_source(self) -> TeacherConfig:
@@ -350,8 +353,9 @@ class CachePhaseConfig(PhaseBase):
 
     @model_validator(mode="after")
     def _consistent(self) -> CachePhaseConfig:
-        if self.init_from is None:
-            raise ValueError("a cache phase needs 'init_from': the phase (or checkpoint path) whose model it runs")
+        if self.init_from is None and self.model is None:
+            raise ValueError("a cache phase needs 'init_from' (the phase or checkpoint path whose model it runs) or "
+                             "'model' (a model that brings its own pretrained weights, e.g. speaker_encoder)")
         if not self.datasets:
             raise ValueError("a cache phase needs 'datasets': {source dataset: name of the cached dataset}")
         if not self.columns:
@@ -486,9 +490,13 @@ class PipelineConfig(Strict):
     def teacher_model(self, teacher: TeacherConfig) -> ModelConfig:
         """The model of a distill phase's teacher: its own `model`, else that of the phase it names."""
         if teacher.model is not None:
-            return teacher.model
-        source = next((p for p in self.phases if p.name == teacher.phase), None)
-        return self.phase_model(source) if source is not None else self.model
+            model = teacher.model
+        else:
+            source = next((p for p in self.phases if p.name == teacher.phase), None)
+            model = self.phase_model(source) if source is not None else self.model
+        if teacher.args:
+            model = model.model_copy(update={"args": {**model.args, **teacher.args}})
+        return model
 
     def trained_phase(self, name: str) -> TrainPhaseConfig:
         """The phase `name`, which must be one that trains (train, distill): what sweeps act on."""

@@ -215,3 +215,4 @@ class Crop:
 
 from raytrain.data import aligned as _aligned  # noqa: E402,F401  registers aligned_crop
 from raytrain.data import text as _text  # noqa: E402,F401  registers ctc_targets
+from raytrain.data import voice as _voice  # noqa: E402,F401  registers flow_noise, room_reverb

@@ -14,6 +14,15 @@ from torch import Tensor
 from raytrain.losses.asr import asr_ctc, phone_ctc
 from raytrain.losses.distill import distill_mse, distill_si_sdr_pit
 from raytrain.losses.separation import si_sdr_pit
+from raytrain.losses.vc import (
+           dmd,
+           dmd_fake_score,
+           flow_matching,
+           flow_trajectory,
+           ir_consistency,
+           mel_multires,
+)
+from raytrain.losses.voice import speaker_cosine
 from raytrain.registry import Registry
 
 LossFn = Callable[..., Tensor]  # (outputs, batch) -> scalar; distill losses also take `teacher`
@@ -25,5 +34,14 @@ LOSSES.register("asr_ctc")(asr_ctc)
 LOSSES.register("phone_ctc")(phone_ctc)
 LOSSES.register("distill_si_sdr_pit")(distill_si_sdr_pit)
 LOSSES.register("distill_mse")(distill_mse)
+LOSSES.register("speaker_cosine")(speaker_cosine)
+LOSSES.register("flow_matching")(flow_matching)
+LOSSES.register("mel_multires")(mel_multires)
+LOSSES.register("ir_consistency")(ir_consistency)
+LOSSES.register("flow_trajectory")(flow_trajectory)
+LOSSES.register("dmd")(dmd)
+LOSSES.register("dmd_fake_score")(dmd_fake_score)
 
-__all__ = ["LOSSES", "LossFn", "asr_ctc", "distill_mse", "distill_si_sdr_pit", "phone_ctc", "si_sdr_pit"]
+__all__ = ["LOSSES", "LossFn", "asr_ctc", "distill_mse", "distill_si_sdr_pit", "dmd", "dmd_fake_score",
+           "flow_matching", "flow_trajectory", "ir_consistency", "mel_multires", "phone_ctc", "si_sdr_pit",
+           "speaker_cosine"]

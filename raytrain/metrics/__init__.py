@@ -16,6 +16,7 @@ from torch import Tensor
 
 from raytrain.metrics.asr import cer, wer
 from raytrain.metrics.separation import mixture_si_sdr, pit_si_sdr, si_sdr, si_sdri
+from raytrain.metrics.voice import dnsmos, mcd, secs, secs_gender, similarity, speaker_embedding
 from raytrain.registry import Registry
 
 MetricFn = Callable[[dict[str, Tensor], dict[str, Tensor]], dict[str, Any]]
@@ -25,5 +26,10 @@ METRICS.register("si_sdr")(si_sdr)
 METRICS.register("si_sdri")(si_sdri)
 METRICS.register("cer")(cer)
 METRICS.register("wer")(wer)
+METRICS.register("secs")(secs)
+METRICS.register("secs_gender")(secs_gender)
+METRICS.register("dnsmos")(dnsmos)
+METRICS.register("mcd")(mcd)
 
-__all__ = ["METRICS", "MetricFn", "cer", "wer", "mixture_si_sdr", "pit_si_sdr", "si_sdr", "si_sdri"]
+__all__ = ["METRICS", "MetricFn", "cer", "dnsmos", "mcd", "mixture_si_sdr", "pit_si_sdr", "secs", "secs_gender",
+           "si_sdr", "si_sdri", "similarity", "speaker_embedding", "wer"]

@@ -19,6 +19,7 @@ from torch import nn
 
 from raytrain.models.asr import CTCASR
 from raytrain.models.separation import SeparationAdapter, SeparationModel
+from raytrain.models.vc import SpeakerEncoder, VCFlow
 from raytrain.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -26,6 +27,8 @@ ADAPTERS: Registry[Callable[..., nn.Module]] = Registry("model adapter")
 
 MODELS.register("convtasnet")(SeparationModel)
 MODELS.register("ctc_asr")(CTCASR)
+MODELS.register("vc_flow")(VCFlow)
+MODELS.register("speaker_encoder")(SpeakerEncoder)
 ADAPTERS.register("separation")(SeparationAdapter)
 
 
@@ -111,6 +114,8 @@ __all__ = [
     "MODELS",
     "SeparationAdapter",
     "SeparationModel",
+    "SpeakerEncoder",
+    "VCFlow",
     "build_model",
     "check_args",
     "count_parameters",

@@ -1,6 +1,7 @@
 """`cache`: run a frozen model over datasets once and keep its outputs as new datasets.
 
-The model (an earlier phase's weights or a checkpoint, `init_from`) runs in Ray Data `map_batches` on an
+The model (an earlier phase's weights or a checkpoint, `init_from`, or a `model:` that loads its own
+pretrained weights, such as `speaker_encoder`) runs in Ray Data `map_batches` on an
 actor pool (one actor per worker of the phase's `scaling`, a GPU each when `use_gpu`); each output dataset
 holds the ids, the model outputs named in `columns` (cut to each row's length) and the source columns
 named in `carry`, written by the one dataset writer (`datasets_prep.shards.DatasetWriter`) under
@@ -84,7 +85,7 @@ def output_rows(batch: dict[str, Any]) -> dict[str, Any]:
 class CacheMapper:
     """The Ray Data actor: the frozen model on its device, one call per batch."""
 
-    def __init__(self, model: dict[str, Any], weights: str, phase: dict[str, Any], audio: dict[str, Any],
+    def __init__(self, model: dict[str, Any], weights: str | None, phase: dict[str, Any], audio: dict[str, Any],
                  sample_rate: int | None, seed: int, threads: int | None, use_gpu: bool) -> None:
         import torch
 
@@ -98,7 +99,8 @@ class CacheMapper:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         mcfg = ModelConfig.model_validate(model)
         net = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
-        net.load_state_dict(load_weights(weights))
+        if weights is not None:  # else a model that loads its own pretrained weights
+            net.load_state_dict(load_weights(weights))
         self.model = net.to(self.device).eval().requires_grad_(False)
         self.phase = CachePhaseConfig.model_validate(phase)
         transforms = build_transforms([t.model_dump() for t in self.phase.eval_transforms], sample_rate or 0, seed)
@@ -211,9 +213,8 @@ class CacheKind(PhaseKind):
         from raytrain.session import worker_resources
 
         phase: CachePhaseConfig = ctx.phase
-        assert ctx.init is not None
-        weights = str(ctx.init["path"])
-        wsha = file_sha256(weights)
+        weights = str(ctx.init["path"]) if ctx.init is not None else None
+        wsha = file_sha256(weights) if weights is not None else None  # a pretrained model: its config is the key
         mcfg = ctx.pipe.phase_model(phase)
         use_gpu, resources, threads = worker_resources(ctx.pipe, phase)
         workers = ctx.pipe.phase_scaling(phase).num_workers

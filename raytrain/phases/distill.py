@@ -5,7 +5,9 @@ in `train`); the teacher is an earlier phase's weights (`teacher: {phase: X}`) o
 model (`teacher: {path: ..., model: {...}}`), loaded on every worker, frozen and in eval mode for the whole
 phase, never wrapped by DDP and never written to the phase's checkpoints or best/last weights. Each step the
 teacher runs on the same batch under `no_grad`; a loss that takes a `teacher` argument
-(`fn(outputs, batch, teacher)`) receives its outputs, any other loss is the usual `fn(outputs, batch)`.
+(`fn(outputs, batch, teacher)`) receives its outputs, one that takes `teacher_model` the frozen teacher
+itself (distribution matching scores the student's samples with it), any other loss is the usual
+`fn(outputs, batch)`.
 Resume is exact as in train: the checkpoints hold the student, its optimizer, data position and RNG.
 """
 
@@ -40,7 +42,8 @@ class DistillRunner(PhaseRunner):
         with torch.no_grad(), self._autocast():
             out = self.teacher(batch)
         return {**super().loss_inputs(batch),
-                "teacher": {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()}}
+                "teacher": {k: v.float() if torch.is_floating_point(v) else v for k, v in out.items()},
+                "teacher_model": self.teacher}
 
 
 class DistillKind(TrainKind):

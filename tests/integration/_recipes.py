@@ -12,6 +12,8 @@ from raytrain.pipeline import PipelineRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 ASR_TINY_MODEL = {"d_model": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 2, "n_mels": 40}
+VC_TINY_MODEL = {"hidden": 16, "layers": 2, "content_hidden": 16, "content_layers": 1, "content_dim": 8,
+                 "griffin_lim_iters": 4}
 
 # Per recipe: prep overrides that shrink its corpus, pipeline overrides beyond the cut steps (a smaller
 # model, a gate the cut run cannot be held to), and the steps every train phase is cut to.
@@ -37,6 +39,21 @@ RECIPES: dict[str, dict[str, Any]] = {
            "phases.test_heldout.gates=[{metric: eval/cer, max: 10.0}]"],
         "steps": 6,
     },
+    "vc_flow_tiny": {
+        "prep": {**{f"generator.corpora.{c}.{k}": v for c in ("vctk", "second", "libri")
+                    for k, v in (("voices", 3), ("sentences", 2), ("utterances_per_voice", 2))},
+                 "generator.dev_voices": 4, "generator.dev_sentences": 2, "generator.dev_triples": 4,
+                 "generator.dev_self_triples": 2, "generator.pairs_per_sentence": 3, "rows_per_shard": 8,
+                 "workers": 0},
+        "overrides": [f"{key}.{k}={v}" for key in ("model.args", "phases.distill_a.model.args",
+                                                   "phases.distill_b.model.args",
+                                                   "phases.distill_b.modules.fake_score.model.args")
+                      for k, v in VC_TINY_MODEL.items()]
+        + ["defaults.batch_size=2", "defaults.eval_batch_size=2", "defaults.shuffle_buffer=16",
+           "phases.phase0.gates=[{metric: eval/secs, min: -1.0}]",
+           "phases.phase1b.gates=[{metric: eval/secs, min: -1.0}, {metric: eval/dnsmos, min: 0.0}]"],
+        "steps": 4,
+    },
 }
 
 
@@ -52,8 +69,12 @@ def prepare(recipe: str, root: Path) -> Path:
 
 
 def data_overrides(recipe: str, shards: Path) -> list[str]:
-    """Each dataset's shards at the same split name under the test's prepared folder."""
-    return [f"data.{name}.shards={shards / Path(d.shards).name}"
+    """Each dataset's shards at the same place under the test's prepared folder (its path below the recipe's
+    prep output_dir: `dev`, `vctk/pairs`)."""
+    from datasets_prep.prep import load_prep_config
+
+    out_dir = Path(load_prep_config(ROOT / "configs" / "prep" / f"{recipe}.yaml").output_dir)
+    return [f"data.{name}.shards={shards / Path(d.shards).relative_to(out_dir)}"
             for name, d in load_config(yaml_of(recipe)).data.items()]
 
 
@@ -72,9 +93,12 @@ def cut_overrides(recipe: str, steps: int) -> list[str]:
 
 
 def base_overrides(recipe: str, root: Path, runs: Path) -> list[str]:
-    """Data prepared under `root`, runs and MLflow under `runs`, the recipe's test-size overrides."""
+    """Data prepared under `root`, runs and MLflow under `runs`, cache phases' datasets under `root`/cache, the
+    recipe's test-size overrides."""
+    caches = [f"phases.{p.name}.cache_dir={root / 'cache'}" for p in load_config(yaml_of(recipe)).phases
+              if p.kind == "cache"]
     return [*data_overrides(recipe, root / "shards"), f"runs_dir={runs}", f"tracking.uri=sqlite:///{runs / 'mlflow.db'}",
-            *RECIPES[recipe]["overrides"]]
+            *caches, *RECIPES[recipe]["overrides"]]
 
 
 def run_recipe(recipe: str, root: Path) -> dict[str, Any]:

@@ -41,6 +41,13 @@ def test_recipe(recipe: str, recipe_run: Any) -> None:
         assert entry["status"] == "finished", (phase.name, entry)
         assert entry["kind"] == phase.kind
         assert (phase_dir / "config.yaml").is_file()
+        if phase.kind == "cache":  # every output dataset written, with its columns; later phases read them
+            assert set(entry["datasets"]) == set(phase.datasets.values()) and entry["forward_passes"] > 0
+            for folder in entry["datasets"].values():
+                manifest = json.loads((Path(folder) / "_manifest.json").read_text())
+                assert manifest["rows"] > 0 and set(phase.columns) <= set(manifest["roles"]), manifest["roles"]
+            assert client.get_run(entry["mlflow_run_id"]).info.status == "FINISHED"
+            continue
         metrics = entry["final_metrics"]
         assert phase.best[0] in metrics and all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
         for gate in entry["gates"]:

@@ -1,0 +1,308 @@
+"""Voice conversion by conditional flow matching on log-mel frames (`vc_flow`).
+
+The model converts a source utterance into the voice of a target speaker given by a speaker
+embedding (``ref_emb``: resemblyzer's 256-d embedding of a reference utterance of the target).
+
+- **Content**: the source's log-mel, normalised per utterance and channel over time (which removes
+  the long-term spectral envelope that carries much of a voice), through a convolutional encoder
+  into a narrow bottleneck (``content_dim``). It is trained end to end on *parallel* pairs (the
+  target voice speaking the source's sentence, time-warped onto the source's frames), so what it
+  keeps is what the target's frames need from the source: the words and their timing, not the
+  source's voice.
+- **Flow**: a velocity field ``v(x_t, t | content, speaker)`` over normalised log-mel frames, a stack
+  of dilated residual 1-D convolutions modulated (FiLM) by the time step and the speaker. Training
+  (``train_mode: flow``) is conditional flow matching with the optimal-transport path
+  ``x_t = (1 - (1 - sigma_min) t) x_0 + t x_1``; sampling is Euler integration from noise in
+  ``sample_steps`` steps. A distilled student (``train_mode: sample``) samples in training too, so its
+  few-step output can be trained against the teacher's many-step one.
+- **Audio**: in eval mode the sampled mel is turned into a waveform with Griffin-Lim
+  (``vocoder: griffin_lim``, torchaudio) for the metrics; ``vocoder: none`` leaves audio out.
+
+Batch keys: ``audio`` (source, (batch, time)) and ``lengths``; ``ref_emb`` (batch, 256); in training
+``target_mel`` (batch, frames, n_mels) on the source's frames; optionally ``noise`` (batch, frames,
+n_mels, the ``flow_noise`` transform: teacher and student then start from the same noise) and
+``audio_reverb`` (the source with a room's reverberation, the ``room_reverb`` transform: the content
+is taken from it and ``content_clean`` is returned for the ``ir_consistency`` loss).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raytrain.export import ExportSpec
+
+SPEAKER_DIM = 256  # resemblyzer's embedding
+
+
+def frame_mask(lengths: Tensor, frames: int) -> Tensor:
+    """(batch, frames) bool: frames that hold audio."""
+    return torch.arange(frames, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class LogMel(nn.Module):
+    """Natural-log mel power, (batch, time) -> (batch, frames, n_mels): exactly the prep `features` step's
+    (``datasets_prep.steps.audio.features``: torchaudio's MelSpectrogram, centred frames, + 1e-6)."""
+
+    def __init__(self, sample_rate: int, n_fft: int, win: int, hop: int, n_mels: int) -> None:
+        super().__init__()
+        import torchaudio
+
+        self.hop = hop
+        with torch.device("cpu"):  # its filterbank is computed (`raytrain plan` builds models on `meta`)
+            self.mel = torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=n_fft, win_length=win,
+                                                            hop_length=hop, n_mels=n_mels, power=2.0)
+
+    def frames(self, samples: Tensor) -> Tensor:
+        return torch.div(samples, self.hop, rounding_mode="floor") + 1
+
+    def forward(self, audio: Tensor) -> Tensor:
+        return torch.log(self.mel(audio.float()) + 1e-6).transpose(1, 2)
+
+
+class Block(nn.Module):
+    """Residual dilated conv, FiLM-modulated by a conditioning vector."""
+
+    def __init__(self, hidden: int, cond: int, kernel: int, dilation: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(1, hidden)
+        self.conv = nn.Conv1d(hidden, 2 * hidden, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation)
+        self.film = nn.Linear(cond, 2 * hidden)
+        self.out = nn.Conv1d(hidden, hidden, 1)
+
+    def forward(self, x: Tensor, c: Tensor, mask: Tensor) -> Tensor:
+        scale, shift = self.film(c).unsqueeze(-1).chunk(2, dim=1)
+        h = self.norm(x) * (1 + scale) + shift
+        a, b = self.conv(h).chunk(2, dim=1)
+        return (x + self.out(torch.tanh(a) * torch.sigmoid(b))) * mask
+
+
+class ContentEncoder(nn.Module):
+    def __init__(self, n_mels: int, hidden: int, out: int, layers: int, kernel: int) -> None:
+        super().__init__()
+        self.inp = nn.Conv1d(n_mels, hidden, kernel, padding=kernel // 2)
+        self.blocks = nn.ModuleList(nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2) for _ in range(layers))
+        self.norms = nn.ModuleList(nn.GroupNorm(1, hidden) for _ in range(layers))
+        self.proj = nn.Conv1d(hidden, out, 1)
+
+    def forward(self, logmel: Tensor, mask: Tensor) -> Tensor:
+        """(batch, frames, n_mels) -> (batch, out, frames)."""
+        m = mask[:, None, :].to(logmel.dtype)
+        x = logmel.transpose(1, 2) * m
+        count = m.sum(-1, keepdim=True).clamp_min(1.0)
+        mean = x.sum(-1, keepdim=True) / count
+        std = ((((x - mean) * m) ** 2).sum(-1, keepdim=True) / count).clamp_min(1e-5).sqrt()
+        h = self.inp((x - mean) / std * m)
+        for conv, norm in zip(self.blocks, self.norms, strict=True):
+            h = (h + conv(F.gelu(norm(h)))) * m
+        return self.proj(h) * m
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of flow time t in [0, 1], (batch,) -> (batch, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+
+
+class VCFlow(nn.Module):
+    """See the module docstring. ``sample_steps``: Euler steps of the sampler in eval (and of a student
+    with ``train_mode: sample`` in training)."""
+
+    reads: ClassVar[tuple[str, ...]] = ("audio", "ref_emb", "target_mel")
+
+    def __init__(self, *, sample_rate: int = 16000, n_mels: int = 80, n_fft: int = 1024, win_length: int = 400,
+                 hop_length: int = 160, hidden: int = 192, layers: int = 8, kernel: int = 5,
+                 dilations: tuple[int, ...] | list[int] = (1, 2, 4, 8), content_hidden: int = 192,
+                 content_layers: int = 4, content_dim: int = 64, sample_steps: int = 10, sigma_min: float = 1e-4,
+                 mel_mean: float = -5.0, mel_std: float = 3.5, train_mode: str = "flow",
+                 vocoder: str = "griffin_lim", griffin_lim_iters: int = 32) -> None:
+        super().__init__()
+        if train_mode not in ("flow", "sample"):
+            raise ValueError(f"vc_flow: train_mode must be 'flow' or 'sample', got {train_mode!r}")
+        if vocoder not in ("griffin_lim", "none"):
+            raise ValueError(f"vc_flow: vocoder must be 'griffin_lim' or 'none', got {vocoder!r}")
+        if sample_steps < 1:
+            raise ValueError(f"vc_flow: sample_steps must be >= 1, got {sample_steps}")
+        self.sample_rate, self.n_mels, self.hop = int(sample_rate), n_mels, hop_length
+        self.n_fft, self.win_length = n_fft, win_length
+        self.sample_steps, self.sigma_min, self.train_mode = sample_steps, sigma_min, train_mode
+        self.mel_mean, self.mel_std = mel_mean, mel_std
+        self.vocoder, self.griffin_lim_iters = vocoder, griffin_lim_iters
+        self.logmel = LogMel(sample_rate, n_fft, win_length, hop_length, n_mels)
+        self.content = ContentEncoder(n_mels, content_hidden, content_dim, content_layers, kernel)
+        self.speaker = nn.Sequential(nn.Linear(SPEAKER_DIM, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.time = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.inp = nn.Conv1d(n_mels + content_dim, hidden, 1)
+        self.blocks = nn.ModuleList(Block(hidden, hidden, kernel, dilations[i % len(dilations)])
+                                    for i in range(layers))
+        self.out = nn.Conv1d(hidden, n_mels, 1)
+        nn.init.zeros_(self.out.weight)  # the flow starts at v = 0: no random velocity to unlearn
+        assert self.out.bias is not None
+        nn.init.zeros_(self.out.bias)
+        self._hidden = hidden
+        self._vocoders: dict[str, nn.Module] = {}  # built on first use; a dict keeps it out of the state dict
+
+    # ---- parts ---------------------------------------------------------------------------------------
+    def normalize(self, logmel: Tensor) -> Tensor:
+        return (logmel - self.mel_mean) / self.mel_std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        return x * self.mel_std + self.mel_mean
+
+    def condition(self, batch: dict[str, Tensor], source: str = "audio") -> dict[str, Tensor]:
+        """What the velocity field is conditioned on: content (batch, content_dim, frames), the speaker
+        vector (batch, hidden) and the frame mask (batch, frames) of ``batch[source]``."""
+        audio = batch[source]
+        if audio.ndim != 2:
+            raise ValueError(f"vc_flow: batch[{source!r}] must be (batch, time), got shape {tuple(audio.shape)}")
+        lengths = batch.get("lengths")
+        if lengths is None:
+            lengths = torch.full((audio.shape[0],), audio.shape[1], dtype=torch.long, device=audio.device)
+        logmel = self.logmel(audio)
+        mask = frame_mask(self.logmel.frames(lengths.to(audio.device)).clamp_max(logmel.shape[1]), logmel.shape[1])
+        emb = batch["ref_emb"].float()
+        if emb.shape != (audio.shape[0], SPEAKER_DIM):
+            raise ValueError(f"vc_flow: batch['ref_emb'] must be (batch, {SPEAKER_DIM}), got {tuple(emb.shape)}")
+        return {"content": self.content(logmel, mask), "speaker": self.speaker(emb), "mask": mask,
+                "source_mel": logmel}
+
+    def velocity(self, x: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """v(x_t, t): x (batch, frames, n_mels) normalised, t (batch,) -> (batch, frames, n_mels)."""
+        m = cond["mask"][:, None, :].to(x.dtype)
+        c = cond["speaker"] + self.time(timestep_embedding(t, self._hidden))
+        h = self.inp(torch.cat([x.transpose(1, 2), cond["content"]], dim=1)) * m
+        for block in self.blocks:
+            h = block(h, c, m)
+        return (self.out(h) * m).transpose(1, 2)
+
+    def sample(self, cond: dict[str, Tensor], noise: Tensor, steps: int | None = None) -> Tensor:
+        """Euler integration of the flow from ``noise`` (batch, frames, n_mels) in ``steps`` steps;
+        returns normalised mel frames."""
+        n = int(steps or self.sample_steps)
+        x = noise
+        for i in range(n):
+            t = torch.full((x.shape[0],), i / n, device=x.device, dtype=x.dtype)
+            x = x + self.velocity(x, t, cond) / n
+        return x * cond["mask"][:, :, None].to(x.dtype)
+
+    def _noise(self, batch: dict[str, Tensor], like: Tensor) -> Tensor:
+        noise = batch.get("noise")
+        if noise is None:
+            return torch.randn_like(like)
+        frames = like.shape[1]
+        noise = noise[:, :frames].to(like)
+        if noise.shape[1] < frames:
+            noise = F.pad(noise, (0, 0, 0, frames - noise.shape[1]))
+        return noise
+
+    def griffin_lim(self, logmel: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """Waveform from natural-log mel power (batch, frames, n_mels): the mel filterbank's pseudo-inverse
+        (clamped at 0) to a linear magnitude, then torchaudio's Griffin-Lim."""
+        import torchaudio
+
+        key = f"{logmel.device}:{self.griffin_lim_iters}"
+        if key not in self._vocoders:
+            self._vocoders[key] = torchaudio.transforms.GriffinLim(
+                n_fft=self.n_fft, win_length=self.win_length, hop_length=self.hop, power=1.0,
+                n_iter=self.griffin_lim_iters).to(logmel.device)
+        fb = self.logmel.mel.mel_scale.fb.to(logmel)  # (freqs, n_mels)
+        power = torch.clamp(torch.exp(logmel) - 1e-6, min=0.0) @ torch.linalg.pinv(fb)  # (batch, frames, freqs)
+        magnitude = power.clamp_min(0.0).sqrt().transpose(1, 2)
+        wave = self._vocoders[key](magnitude)
+        if lengths is not None:
+            wave = wave * (torch.arange(wave.shape[-1], device=wave.device)[None] < lengths[:, None] * self.hop)
+        return wave
+
+    # ---- batch interface ------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        reverb = self.training and "audio_reverb" in batch
+        cond = self.condition(batch, "audio_reverb" if reverb else "audio")
+        out: dict[str, Tensor] = {"mel_lengths": cond["mask"].sum(-1), "frame_mask": cond["mask"]}
+        if reverb:
+            out["content"] = cond["content"]
+            with torch.no_grad():
+                out["content_clean"] = self.content(self.logmel(batch["audio"]), cond["mask"])
+        target = batch.get("target_mel")
+        frames = cond["mask"].shape[1]
+        if target is not None:
+            x1 = self.normalize(target[:, :frames].float())
+            if x1.shape[1] < frames:
+                x1 = F.pad(x1, (0, 0, 0, frames - x1.shape[1]))
+            x1 = x1 * cond["mask"][:, :, None]
+            out["target"] = x1
+            if self.train_mode == "flow" or not self.training:
+                x0 = self._noise(batch, x1)
+                t = torch.rand(x1.shape[0], device=x1.device)
+                tt = t[:, None, None]
+                xt = (1 - (1 - self.sigma_min) * tt) * x0 + tt * x1
+                v = self.velocity(xt, t, cond)
+                out["v_pred"], out["v_target"] = v, x1 - (1 - self.sigma_min) * x0
+                out["x1_pred"] = xt + (1 - tt) * v  # one-step estimate of the clean frames
+                if self.training:  # what the speaker loss hears (speaker_cosine reads "mel")
+                    out["mel"] = self.denormalize(out["x1_pred"])
+        if not self.training or self.train_mode == "sample":
+            like = torch.zeros(cond["mask"].shape[0], frames, self.n_mels, device=cond["content"].device)
+            x = self.sample(cond, self._noise(batch, like))
+            out["sample"] = x
+            out["mel"] = self.denormalize(x)
+            if not self.training and self.vocoder == "griffin_lim":
+                with torch.no_grad():
+                    lengths = batch.get("lengths")
+                    audio = self.griffin_lim(out["mel"].detach(), out["mel_lengths"])
+                    out["audio_out"] = audio[:, : batch["audio"].shape[1]]
+                    out["audio_out_lengths"] = (lengths if lengths is not None else
+                                                torch.full_like(out["mel_lengths"], batch["audio"].shape[1]))
+        return out
+
+    # ---- export and inference ---------------------------------------------------------------------------
+    @property
+    def export_spec(self) -> ExportSpec:
+        """The sampler: ``audio`` (batch, time), ``ref_emb`` (batch, 256) and ``noise`` (batch, frames,
+        n_mels) in, the converted log-mel ``mel`` (batch, frames, n_mels) out."""
+        return ExportSpec(inputs=("audio", "ref_emb", "noise"), outputs=("mel",))
+
+    def convert(self, audio: Tensor, ref_emb: Tensor, noise: Tensor) -> Tensor:
+        """Plain-tensor sampler for export: converted log-mel (batch, frames, n_mels)."""
+        cond = self.condition({"audio": audio, "ref_emb": ref_emb})
+        return self.denormalize(self.sample(cond, noise[:, : cond["mask"].shape[1]]))
+
+
+def describe(model: VCFlow) -> dict[str, Any]:
+    """Sizes for logs: parameters of the content encoder and of the flow."""
+    content = sum(p.numel() for p in model.content.parameters())
+    return {"content_params": content, "flow_params": sum(p.numel() for p in model.parameters()) - content}
+
+
+def _speaker_reads(args: dict[str, Any]) -> tuple[str, ...]:
+    return (str(args.get("column", "reference")),)
+
+
+class SpeakerEncoder(nn.Module):
+    """resemblyzer's pretrained speaker encoder (weights shipped in its wheel) over an audio column:
+    ``{"ref_emb": (batch, 256)}``, L2-normalised, one per row from its valid samples. A `cache` phase
+    runs it once over a dataset's ``reference`` column so that training reads the embedding."""
+
+    reads = _speaker_reads  # the batch key forward reads: the configured column (raytrain.data.columns)
+
+    def __init__(self, column: str = "reference", sample_rate: int = 16000) -> None:
+        super().__init__()
+        self.column, self.sample_rate = column, int(sample_rate)
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        from raytrain.metrics.voice import speaker_embedding
+
+        audio = batch[self.column]
+        lengths = batch.get(f"{self.column}_lengths")
+        if lengths is None and self.column in ("audio", "mix"):
+            lengths = batch.get("lengths")
+        rows = []
+        for i in range(audio.shape[0]):
+            n = int(lengths[i]) if lengths is not None else audio.shape[1]
+            rows.append(torch.from_numpy(speaker_embedding(audio[i, :n].float().cpu().numpy(), self.sample_rate)))
+        return {"ref_emb": torch.stack(rows).to(audio.device)}
