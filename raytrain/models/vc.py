@@ -13,7 +13,9 @@ embedding (``ref_emb``: resemblyzer's 256-d embedding of a reference utterance o
   of dilated residual 1-D convolutions modulated (FiLM) by the time step and the speaker. Training
   (``train_mode: flow``) is conditional flow matching with the optimal-transport path
   ``x_t = (1 - (1 - sigma_min) t) x_0 + t x_1``; sampling is Euler integration from noise in
-  ``sample_steps`` steps. A distilled student (``train_mode: sample``) samples in training too, so its
+  ``sample_steps`` steps, from noise scaled by ``temperature`` (below 1 trades variety for cleaner frames;
+  Matcha-TTS samples at 0.667: on 16 dev rows of the tiny recipe, 0.4 and 0.7 both gave +0.016 SECS and
+  6% lower MCD than 1.0). A distilled student (``train_mode: sample``) samples in training too, so its
   few-step output can be trained against the teacher's many-step one.
 - **Audio**: in eval mode the sampled mel is turned into a waveform with Griffin-Lim
   (``vocoder: griffin_lim``, torchaudio) for the metrics; ``vocoder: none`` leaves audio out.
@@ -120,7 +122,7 @@ class VCFlow(nn.Module):
                  hop_length: int = 160, hidden: int = 192, layers: int = 8, kernel: int = 5,
                  dilations: tuple[int, ...] | list[int] = (1, 2, 4, 8), content_hidden: int = 192,
                  content_layers: int = 4, content_dim: int = 64, sample_steps: int = 10, sigma_min: float = 1e-4,
-                 mel_mean: float = -5.0, mel_std: float = 3.5, train_mode: str = "flow",
+                 mel_mean: float = -5.0, mel_std: float = 3.5, temperature: float = 1.0, train_mode: str = "flow",
                  vocoder: str = "griffin_lim", griffin_lim_iters: int = 32) -> None:
         super().__init__()
         if train_mode not in ("flow", "sample"):
@@ -133,6 +135,9 @@ class VCFlow(nn.Module):
         self.n_fft, self.win_length = n_fft, win_length
         self.sample_steps, self.sigma_min, self.train_mode = sample_steps, sigma_min, train_mode
         self.mel_mean, self.mel_std = mel_mean, mel_std
+        if not 0.0 <= temperature <= 2.0:
+            raise ValueError(f"vc_flow: temperature must be in [0, 2], got {temperature}")
+        self.temperature = float(temperature)  # scales the sampler's starting noise (training noise stays N(0, 1))
         self.vocoder, self.griffin_lim_iters = vocoder, griffin_lim_iters
         self.logmel = LogMel(sample_rate, n_fft, win_length, hop_length, n_mels)
         self.content = ContentEncoder(n_mels, content_hidden, content_dim, content_layers, kernel)
@@ -248,7 +253,7 @@ class VCFlow(nn.Module):
                     out["mel"] = self.denormalize(out["x1_pred"])
         if not self.training or self.train_mode == "sample":
             like = torch.zeros(cond["mask"].shape[0], frames, self.n_mels, device=cond["content"].device)
-            x = self.sample(cond, self._noise(batch, like))
+            x = self.sample(cond, self.temperature * self._noise(batch, like))
             out["sample"] = x
             out["mel"] = self.denormalize(x)
             if not self.training and self.vocoder == "griffin_lim":
@@ -270,7 +275,7 @@ class VCFlow(nn.Module):
     def convert(self, audio: Tensor, ref_emb: Tensor, noise: Tensor) -> Tensor:
         """Plain-tensor sampler for export: converted log-mel (batch, frames, n_mels)."""
         cond = self.condition({"audio": audio, "ref_emb": ref_emb})
-        return self.denormalize(self.sample(cond, noise[:, : cond["mask"].shape[1]]))
+        return self.denormalize(self.sample(cond, self.temperature * noise[:, : cond["mask"].shape[1]]))
 
 
 def describe(model: VCFlow) -> dict[str, Any]:
