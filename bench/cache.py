@@ -59,8 +59,8 @@ def plain(shards: str, model_pt: Path, out: Path, threads: int) -> tuple[int, fl
     phase = CachePhaseConfig.model_validate({"name": "plain", "kind": "cache", "init_from": {"path": str(model_pt)},
                                              "datasets": {"x": "y"}, "columns": COLUMNS, "batch_size": BATCH})
     t0 = time.perf_counter()
-    mapper = CacheMapper(MODEL, str(model_pt), phase.model_dump(mode="json"), audio_spec(manifest), 16000, 0,
-                         threads, False)
+    mapper = CacheMapper(MODEL, str(model_pt), phase.model_dump(mode="json"), 16000, 0, threads, False)
+    audio = audio_spec(manifest)
     rows = 0
     specs = output_specs(phase, manifest)
     writer: DatasetWriter | None = None
@@ -69,7 +69,7 @@ def plain(shards: str, model_pt: Path, out: Path, threads: int) -> tuple[int, fl
         for start in range(0, table.num_rows, BATCH):
             batch = {c: table.column(c).slice(start, BATCH).to_numpy(zero_copy_only=False)
                      for c in table.column_names}
-            got = mapper(batch)
+            got = mapper.map(batch, audio)
             if writer is None:  # the output columns as the model made them, as the cache phase does
                 writer = DatasetWriter(out / f"plain-{time.time_ns()}", {**specs, **made_specs(got)},
                                        kind="cache").__enter__()

@@ -186,7 +186,8 @@ class PipelineRunner:
 
     def _finish_phase(self, phase: Any, entry: PhaseEntry, run_id: str | None) -> None:
         """Gates on the phase's final metrics, the model in MLflow, the phase's status."""
-        entry.gates = [check_gate(g, entry.final_metrics) for g in getattr(phase, "gates", [])]
+        entry.gates = [check_gate(g, entry.final_metrics, self.summary.phases.get(g.relative_to)
+                                  if g.relative_to else None) for g in getattr(phase, "gates", [])]
         if entry.best_checkpoint:
             self.tracker.artifact(run_id, entry.best_checkpoint, "checkpoint")
         failed = [g for g in entry.gates if not g.passed]
@@ -197,7 +198,7 @@ class PipelineRunner:
             log_phase_model(self.tracker, self.pipe, phase, entry, run_id)
         entry.status = "gate_failed" if stop else "finished"
         entry.gates_ignored = bool(failed) and self.ignore_gates
-        self.tracker.tags(run_id, {f"gate.{g.metric}": gate_text(g) for g in entry.gates})
+        self.tracker.tags(run_id, {f"gate.{g.key}": gate_text(g) for g in entry.gates})
         self.save_summary()
         self.tracker.end(run_id, "FAILED" if stop else "FINISHED")
         if failed:
@@ -267,11 +268,17 @@ class PipelineRunner:
         return self.summary.as_dict()
 
 
-def check_gate(gate: Any, metrics: dict[str, float]) -> GateResult:
-    """A gate against a phase's final metrics (a metric the phase did not report fails it)."""
+def check_gate(gate: Any, metrics: dict[str, float], reference: PhaseEntry | None = None) -> GateResult:
+    """A gate against a phase's final metrics (a metric the phase did not report fails it); a relative gate
+    against the difference from `reference`'s (its `relative_to` phase's entry)."""
     value = metrics.get(gate.metric)
+    ref = None
+    if gate.relative_to is not None:
+        ref = (reference.final_metrics or {}).get(gate.metric) if reference is not None else None
+        value = None if value is None or ref is None else value - ref
     ok = value is not None and (gate.min is None or value >= gate.min) and (gate.max is None or value <= gate.max)
-    return GateResult(metric=gate.metric, value=value, min=gate.min, max=gate.max, passed=ok)
+    return GateResult(metric=gate.metric, value=value, min=gate.min, max=gate.max, relative_to=gate.relative_to,
+                      reference=ref, passed=ok)
 
 
 def gate_text(g: GateResult) -> str:
@@ -279,6 +286,9 @@ def gate_text(g: GateResult) -> str:
     need = " and ".join(x for x in (f">= {g.min}" if g.min is not None else "",
                                     f"<= {g.max}" if g.max is not None else "") if x)
     value = "missing" if g.value is None else f"{g.value:.4g}"
+    if g.relative_to is not None:  # eval/secs - phase2's 0.79 = -0.12 (needs >= -0.03)
+        ref = "missing" if g.reference is None else f"{g.reference:.4g}"
+        return f"{g.metric} - {g.relative_to}'s {ref} = {value} (needs {need})" + ("" if g.passed else " FAILED")
     return f"{g.metric} = {value} (needs {need})" + ("" if g.passed else " FAILED")
 
 

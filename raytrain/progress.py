@@ -13,15 +13,32 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+_QUEUES: dict[tuple[str, str], Any] = {}
+
+
+def shared_queue() -> Any:
+    """The driver's event queue actor, one per Ray cluster and job, reused by every phase: an actor is a
+    process to start (about a second of a small machine's CPU at every phase's start)."""
+    import ray
+    from ray.util.queue import Queue
+
+    ctx = ray.get_runtime_context()
+    key = (ctx.get_node_id(), ctx.get_job_id())
+    if key not in _QUEUES:
+        _QUEUES.clear()  # a queue of an earlier Ray (shut down since) is gone with it
+        _QUEUES[key] = Queue(actor_options={"num_cpus": 0})
+    return _QUEUES[key]
+
+
 class EventPump:
-    """Context manager: owns the queue actor and a thread that drains it."""
+    """Context manager: drains the shared queue (`shared_queue`) in a thread while a phase runs; events of
+    another phase (a late one of the phase before) are dropped."""
 
     def __init__(self, phase: str, max_steps: int, tracker: Any, run_id: str | None,
                  progress: bool | None = None, poll_s: float = 1.0) -> None:
-        from ray.util.queue import Queue
-
         self.phase, self.max_steps, self.tracker, self.run_id = phase, max_steps, tracker, run_id
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.queue = shared_queue()
+        self._drain(keep=False)  # nothing of an earlier phase is shown as this one's
         self.tty = sys.stderr.isatty() if progress is None else progress
         self.poll_s = poll_s
         self._stop = threading.Event()
@@ -43,12 +60,6 @@ class EventPump:
         self._drain()
         if self._bar is not None:
             self._bar.close()
-        import ray
-
-        try:
-            ray.kill(self.queue.actor)  # type: ignore[arg-type]
-        except Exception:  # noqa: BLE001 - the queue may already be gone with the cluster
-            pass
 
     def _loop(self) -> None:
         # A long poll (one RPC per event or per `poll_s`), not a busy poll: on a small machine every
@@ -66,15 +77,17 @@ class EventPump:
                 continue
             self._drain()
 
-    def _drain(self) -> None:
+    def _drain(self, keep: bool = True) -> None:
         try:
             items = self.queue.get_nowait_batch(self.queue.qsize())
         except Exception:  # noqa: BLE001 - queue gone at shutdown
             return
-        for ev in items:
+        for ev in items if keep else ():
             self.handle(ev)
 
     def handle(self, ev: dict[str, Any]) -> None:
+        if ev.get("phase", self.phase) != self.phase:
+            return
         kind = ev.get("kind")
         if kind == "progress":
             self.last = ev

@@ -30,10 +30,17 @@ class _Model(BaseModel):
 
 class GateResult(_Model):
     metric: str
-    value: float | None = None
+    value: float | None = Field(None, description="the phase's value (minus the reference's, if relative)")
     min: float | None = None
     max: float | None = None
+    relative_to: str | None = None
+    reference: float | None = Field(None, description="relative_to's value of the metric")
     passed: bool
+
+    @property
+    def key(self) -> str:
+        """`eval/secs`, or `eval/secs-phase2` for a gate relative to phase2."""
+        return self.metric + (f"-{self.relative_to}" if self.relative_to else "")
 
 
 class RegisteredModel(_Model):

@@ -101,9 +101,14 @@ class InitFromConfig(Strict):
 
 
 class GateConfig(Strict):
+    """A bound on one of the phase's final metrics; with `relative_to` (an earlier phase), on its difference
+    from that phase's value of the same metric: `{metric: eval/secs, min: -0.03, relative_to: teacher}` is a
+    student that loses at most 0.03 of its teacher's SECS."""
+
     metric: str
     min: float | None = None
     max: float | None = None
+    relative_to: str | None = None
 
     @model_validator(mode="after")
     def _bound(self) -> GateConfig:

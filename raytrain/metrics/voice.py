@@ -175,9 +175,11 @@ def _pair(values: Tensor, cross: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
 @reads_keys("audio", "reference")
 @torch.no_grad()
 def secs(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Any]:
-    """``{"secs", "secs_source": (batch,)}``: speaker-embedding cosine of ``outputs["audio_out"]`` and of the
-    source ``audio`` to ``reference``; with ``batch["cross"]``, also ``secs_cross`` / ``secs_within`` as
-    (numerator, denominator) pairs over the cross- and within-gender rows."""
+    """``{"secs", "secs_source", "secs_gain": (batch,)}``: speaker-embedding cosine of ``outputs["audio_out"]``
+    and of the source ``audio`` to ``reference``, and how much conversion gained (``secs - secs_source``: a
+    gate on it holds the model to moving the voice, whatever the source's own similarity); with
+    ``batch["cross"]``, also ``secs_cross`` / ``secs_within`` as (numerator, denominator) pairs over the
+    cross- and within-gender rows."""
     if outputs["audio_out"].shape[0] != batch["reference"].shape[0]:
         raise ValueError(f"secs: audio_out has {outputs['audio_out'].shape[0]} rows, the batch "
                          f"{batch['reference'].shape[0]}")
@@ -186,11 +188,8 @@ def secs(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Any]
     outs = [_output_embedding(w) for w in rows(outputs["audio_out"], outputs.get("audio_out_lengths"))]
     value = torch.tensor([0.0 if o is None else similarity(o, r) for o, r in zip(outs, refs, strict=True)],
                          dtype=torch.float64)
-    result: dict[str, Any] = {
-        "secs": value,
-        "secs_source": torch.tensor([similarity(s, r) for s, r in zip(sources, refs, strict=True)],
-                                    dtype=torch.float64),
-    }
+    source = torch.tensor([similarity(s, r) for s, r in zip(sources, refs, strict=True)], dtype=torch.float64)
+    result: dict[str, Any] = {"secs": value, "secs_source": source, "secs_gain": value - source}
     if "cross" in batch:
         result.update(_pair(value, batch["cross"]))
     return result
@@ -316,9 +315,10 @@ def mel_cepstral_distortion(est: np.ndarray, ref: np.ndarray, sr: int = SAMPLE_R
 
 @reads_keys("audio", "parallel")
 @torch.no_grad()
-def mcd(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+def mcd(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Any]:
     """``{"mcd", "mcd_source": (batch,)}``: MCD in dB of ``outputs["audio_out"]`` and of the source ``audio``
-    against ``parallel`` (lower is better)."""
+    against ``parallel`` (lower is better), and ``mcd_ratio``, their ratio over the whole set as a
+    (numerator, denominator) pair (0.8: the conversion is 20% closer to the parallel reference)."""
     parallel = rows(batch["parallel"], batch.get("parallel_lengths"))
     outs = rows(outputs["audio_out"], outputs.get("audio_out_lengths"))
     sources = rows(batch["audio"], batch.get("lengths"))
@@ -327,9 +327,8 @@ def mcd(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tenso
     for i, p in enumerate(parallel):
         if not np.any(p):
             raise ValueError(f"mcd: batch['parallel'] row {i} is silent or empty")
-    return {
-        "mcd": torch.tensor([mel_cepstral_distortion(o, p) for o, p in zip(outs, parallel, strict=True)],
-                            dtype=torch.float64),
-        "mcd_source": torch.tensor([mel_cepstral_distortion(s, p) for s, p in zip(sources, parallel, strict=True)],
-                                   dtype=torch.float64),
-    }
+    out = torch.tensor([mel_cepstral_distortion(o, p) for o, p in zip(outs, parallel, strict=True)],
+                       dtype=torch.float64)
+    source = torch.tensor([mel_cepstral_distortion(s, p) for s, p in zip(sources, parallel, strict=True)],
+                          dtype=torch.float64)
+    return {"mcd": out, "mcd_source": source, "mcd_ratio": (out, source)}

@@ -1,8 +1,10 @@
 """`cache`: run a frozen model over datasets once and keep its outputs as new datasets.
 
 The model (an earlier phase's weights or a checkpoint, `init_from`, or a `model:` that loads its own
-pretrained weights, such as `speaker_encoder`) runs in Ray Data `map_batches` on an
-actor pool (one actor per worker of the phase's `scaling`, a GPU each when `use_gpu`); each output dataset
+pretrained weights, such as `speaker_encoder`) runs on one pool of Ray actors for all the phase's datasets
+(one actor per worker of the phase's `scaling`, a GPU each when `use_gpu`; started once, not once per
+dataset: an actor is a process that imports torch and loads the model), fed batches of the source read by
+Ray Data, results in the source's order; each output dataset
 holds the ids, the model outputs named in `columns` (cut to each row's length) and the source columns
 named in `carry`, written by the one dataset writer (`datasets_prep.shards.DatasetWriter`) under
 `<cache_dir>/<name>/<key>/`. The key is the sha256 of the source manifest, the weights file and the cache
@@ -83,9 +85,9 @@ def output_rows(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 class CacheMapper:
-    """The Ray Data actor: the frozen model on its device, one call per batch."""
+    """The actor: the frozen model on its device, one call per batch of any of the phase's datasets."""
 
-    def __init__(self, model: dict[str, Any], weights: str | None, phase: dict[str, Any], audio: dict[str, Any],
+    def __init__(self, model: dict[str, Any], weights: str | None, phase: dict[str, Any],
                  sample_rate: int | None, seed: int, threads: int | None, use_gpu: bool) -> None:
         import torch
 
@@ -103,12 +105,21 @@ class CacheMapper:
             net.load_state_dict(load_weights(weights))
         self.model = net.to(self.device).eval().requires_grad_(False)
         self.phase = CachePhaseConfig.model_validate(phase)
-        transforms = build_transforms([t.model_dump() for t in self.phase.eval_transforms], sample_rate or 0, seed)
-        self.collate = Collate(transforms, epoch=0, audio=audio)
+        self.transforms = build_transforms([t.model_dump() for t in self.phase.eval_transforms], sample_rate or 0,
+                                           seed)
+        self._collates: dict[str, Any] = {}
+        self._collate_cls = Collate
         self.sample_rate = sample_rate
         self.specs = output_specs(self.phase, None)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def map(self, batch: dict[str, np.ndarray], audio: dict[str, Any]) -> dict[str, Any]:
+        """One batch of a dataset whose audio columns are `audio` (`audio_spec`)."""
+        key = json.dumps(audio, sort_keys=True, default=str)
+        if key not in self._collates:
+            self._collates[key] = self._collate_cls(self.transforms, epoch=0, audio=audio)
+        return self(batch, self._collates[key])
+
+    def __call__(self, batch: dict[str, np.ndarray], collate: Any) -> dict[str, Any]:
         import torch
 
         from datasets_prep.codecs import encode_value
@@ -117,7 +128,7 @@ class CacheMapper:
         specs = self.specs
         ids = batch["id"]
         carried = {c: batch[c] for c in self.phase.carry}
-        model_batch = self.collate(dict(batch))
+        model_batch = collate(dict(batch))
         with torch.no_grad():
             out = self.model({k: v.to(self.device) for k, v in model_batch.items()})
         n = len(ids)
@@ -208,69 +219,115 @@ class CacheKind(PhaseKind):
 
     # ---- run ---------------------------------------------------------------------------------------------
     def run(self, ctx: PhaseContext) -> None:
-        from datasets_prep.shards import DatasetWriter, read_manifest
-        from raytrain.data.datasets import audio_spec, read_columns, read_dataset
         from raytrain.session import worker_resources
 
         phase: CachePhaseConfig = ctx.phase
         weights = str(ctx.init["path"]) if ctx.init is not None else None
-        wsha = file_sha256(weights) if weights is not None else None  # a pretrained model: its config is the key
-        mcfg = ctx.pipe.phase_model(phase)
         use_gpu, resources, threads = worker_resources(ctx.pipe, phase)
-        workers = ctx.pipe.phase_scaling(phase).num_workers
         entry = ctx.entry
         entry.datasets, entry.forward_passes = {}, 0
         t0 = time.time()
-        for src, name in phase.datasets.items():
-            path = ctx.datasets[src][0]
-            manifest = read_manifest(path)
-            key = hashlib.sha256(json.dumps({
-                "source": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
-                "weights": wsha, "model": mcfg.model_dump(mode="json"),
-                "phase": phase.model_dump(mode="json", exclude={"name", "cache_dir", "scaling"}),
-            }, sort_keys=True).encode()).hexdigest()
-            folder = Path(phase.cache_dir) / name / key[:16]
-            found = _manifest_key(folder)
-            if found == key and not ctx.rebuild_cache:
-                print(f"cache {phase.name}: {name} reused from {folder} (same source, weights and config; "
-                      "0 forward passes)")
-                entry.datasets[name] = str(folder)
-                continue
-            specs = output_specs(phase, manifest)
-            model_inputs = None  # every stored column the model and transforms may read, minus what is carried
-            columns = read_columns(manifest, model_inputs, path)
-            ds = read_dataset(path, manifest, columns=columns)
-            mapped = ds.map_batches(
-                CacheMapper, batch_size=phase.batch_size, batch_format="numpy", concurrency=workers,
-                num_cpus=0 if use_gpu else resources["CPU"], num_gpus=1 if use_gpu else 0,
-                fn_constructor_kwargs={"model": mcfg.model_dump(mode="json"), "weights": weights,
-                                       "phase": phase.model_dump(mode="json"),
-                                       "audio": audio_spec(manifest, columns), "sample_rate": ctx.plan.sample_rate,
-                                       "seed": ctx.pipe.seed, "threads": None if use_gpu else threads,
-                                       "use_gpu": use_gpu})
-            calls = rows = 0
-            writer: DatasetWriter | None = None
-            prep = {"cache_key": key, "phase": phase.name, "source": path, "weights": weights}
-            try:
-                for batch in mapped.iter_batches(batch_size=None, batch_format="numpy"):
-                    if writer is None:  # the output columns as the model made them (a features column's dims)
-                        writer = DatasetWriter(folder, {**specs, **made_specs(batch)}, kind="cache",
-                                               rows_per_shard=phase.rows_per_shard, prep=prep).__enter__()
-                    calls += int(np.sum(batch[CALLS]))
-                    rows += len(batch[CALLS])
-                    writer.write_batch(output_rows(batch))
-            except BaseException as exc:
-                if writer is not None:
-                    writer.__exit__(type(exc), exc, exc.__traceback__)
-                raise
-            if writer is None:
-                raise PipelineError(f"cache {phase.name!r}: dataset {src!r} has no rows")
-            writer.__exit__(None, None, None)
-            entry.forward_passes += calls
-            entry.datasets[name] = str(folder)
-            print(f"cache {phase.name}: {name}: {rows} rows, {calls} forward passes -> {folder}")
+        pool = _ActorPool(lambda: [
+            _mapper_class(use_gpu, resources).remote(
+                model=ctx.pipe.phase_model(phase).model_dump(mode="json"), weights=weights,
+                phase=phase.model_dump(mode="json"), sample_rate=ctx.plan.sample_rate, seed=ctx.pipe.seed,
+                threads=None if use_gpu else threads, use_gpu=use_gpu)
+            for _ in range(ctx.pipe.phase_scaling(phase).num_workers)])
+        try:
+            for src, name in phase.datasets.items():
+                self._one(ctx, src, name, weights, pool)
+        finally:
+            pool.close()
         entry.wall_s = round(entry.wall_s + time.time() - t0, 1)
         entry.final_metrics = {"cache/forward_passes": float(entry.forward_passes)}
+
+    def _one(self, ctx: PhaseContext, src: str, name: str, weights: str | None, pool: _ActorPool) -> None:
+        """Dataset `src` into output `name`: reused when its key's folder is complete, else written."""
+        from datasets_prep.shards import DatasetWriter, read_manifest
+        from raytrain.data.datasets import audio_spec, read_columns, read_dataset
+
+        phase: CachePhaseConfig = ctx.phase
+        entry = ctx.entry
+        path = ctx.datasets[src][0]
+        manifest = read_manifest(path)
+        key = hashlib.sha256(json.dumps({
+            "source": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
+            "weights": file_sha256(weights) if weights is not None else None,  # a pretrained model: its config
+            "model": ctx.pipe.phase_model(phase).model_dump(mode="json"),
+            "phase": phase.model_dump(mode="json", exclude={"name", "cache_dir", "scaling"}),
+        }, sort_keys=True).encode()).hexdigest()
+        folder = Path(phase.cache_dir) / name / key[:16]
+        if _manifest_key(folder) == key and not ctx.rebuild_cache:
+            print(f"cache {phase.name}: {name} reused from {folder} (same source, weights and config; "
+                  "0 forward passes)")
+            entry.datasets[name] = str(folder)
+            return
+        specs = output_specs(phase, manifest)
+        columns = read_columns(manifest, None, path)  # every stored column the model and transforms may read
+        batches = read_dataset(path, manifest, columns=columns).iter_batches(
+            batch_size=phase.batch_size, batch_format="numpy")
+        calls = rows = 0
+        writer: DatasetWriter | None = None
+        prep = {"cache_key": key, "phase": phase.name, "source": path, "weights": weights}
+        try:
+            for batch in pool.map_in_order(batches, audio_spec(manifest, columns)):
+                if writer is None:  # the output columns as the model made them (a features column's dims)
+                    writer = DatasetWriter(folder, {**specs, **made_specs(batch)}, kind="cache",
+                                           rows_per_shard=phase.rows_per_shard, prep=prep).__enter__()
+                calls += int(np.sum(batch[CALLS]))
+                rows += len(batch[CALLS])
+                writer.write_batch(output_rows(batch))
+        except BaseException as exc:
+            if writer is not None:
+                writer.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        if writer is None:
+            raise PipelineError(f"cache {phase.name!r}: dataset {src!r} has no rows")
+        writer.__exit__(None, None, None)
+        entry.forward_passes = (entry.forward_passes or 0) + calls
+        entry.datasets[name] = str(folder)
+        print(f"cache {phase.name}: {name}: {rows} rows, {calls} forward passes -> {folder}")
+
+
+def _mapper_class(use_gpu: bool, resources: dict[str, float]) -> Any:
+    import ray
+
+    return ray.remote(CacheMapper).options(num_cpus=0 if use_gpu else resources["CPU"], num_gpus=1 if use_gpu else 0)
+
+
+class _ActorPool:
+    """The phase's mapper actors, started at the first dataset that needs a forward pass and killed at the
+    end; at most two batches in flight per actor (the rest of the source waits in Ray Data)."""
+
+    def __init__(self, start: Any) -> None:
+        self._start = start
+        self._pool: Any = None
+        self._actors: list[Any] = []
+
+    def map_in_order(self, batches: Any, audio: dict[str, Any]) -> Any:
+        from ray.util import ActorPool
+
+        if self._pool is None:
+            self._actors = self._start()
+            self._pool = ActorPool(self._actors)
+        pool, in_flight = self._pool, 0
+        for batch in batches:
+            pool.submit(lambda actor, b: actor.map.remote(b, audio), batch)
+            in_flight += 1
+            if in_flight >= 2 * len(self._actors):
+                yield pool.get_next()
+                in_flight -= 1
+        while pool.has_next():
+            yield pool.get_next()
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self._actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - already gone with its node
+                pass
 
 
 def _manifest_key(folder: Path) -> str | None:

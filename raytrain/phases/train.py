@@ -323,7 +323,7 @@ class PhaseRunner:
     def _emit(self, kind: str, **payload: Any) -> None:
         if self.events is not None:
             with contextlib.suppress(Exception):
-                self.events.put_nowait({"kind": kind, **payload})
+                self.events.put_nowait({"kind": kind, "phase": self.phase.name, **payload})
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

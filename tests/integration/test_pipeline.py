@@ -134,6 +134,8 @@ def test_unmet_gate_stops_the_pipeline_and_resume_rechecks_it_on_the_stored_metr
     # The threshold edited, --resume: the gate is checked again on the stored metrics (no retraining) and
     # the pipeline goes on with b.
     raw["phases"][0]["gates"] = [{"metric": "eval/si_sdri", "min": -100.0}]
+    # b (a student of a, say) is held to a's score: at most 100 dB below it.
+    raw["phases"][1]["gates"] = [{"metric": "eval/si_sdri", "min": -100.0, "relative_to": "a"}]
     resumed = PipelineRunner(load_config(raw=raw), resume=True, progress=False)
     assert resumed.run_dir == runner.run_dir
     summary = resumed.run()
@@ -143,8 +145,14 @@ def test_unmet_gate_stops_the_pipeline_and_resume_rechecks_it_on_the_stored_metr
     a = summary["phases"]["a"]
     assert a["status"] == "finished" and a["gates"][0]["passed"] and a["final_metrics"]["eval/si_sdri"] == value
     assert best.stat().st_mtime_ns == stamp
-    assert summary["phases"]["b"]["status"] == "finished" and summary["phases"]["b"]["steps"] == 2
+    b = summary["phases"]["b"]
+    assert b["status"] == "finished" and b["steps"] == 2
+    assert b["gates"] == [{"metric": "eval/si_sdri", "relative_to": "a", "reference": value, "min": -100.0,
+                           "passed": True,
+                           "value": pytest.approx(b["final_metrics"]["eval/si_sdri"] - value)}]
     assert summary["status"] == "finished"
+    assert client.get_run(b["mlflow_run_id"]).data.tags["gate.eval/si_sdri-a"].startswith(
+        f"eval/si_sdri - a's {value:.4g} = ")
     assert client.get_run(a["mlflow_run_id"]).info.status == "FINISHED"
     assert client.get_run(a["mlflow_run_id"]).data.tags["gate.eval/si_sdri"].startswith("eval/si_sdri = ")
 

@@ -69,6 +69,10 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path) -> None:
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    twice = tmp_path / "twice.yaml"  # PyYAML would keep the second silently
+    twice.write_text("name: x\nphases:\n  - name: a\n    max_steps: 3\n    gates: []\n    max_steps: 4\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: key 'max_steps' is given twice \(first at line 4\)"):
+        load_config(twice)
     top_list = tmp_path / "list.yaml"
     top_list.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):

@@ -246,6 +246,29 @@ def test_gate_on_eval_metric_needs_eval(tmp_path) -> None:
     assert "phases[0](short).gates: metric 'si_sdri' should be 'eval/<name>' or 'train/<name>'" in msg
 
 
+def test_a_relative_gate_names_an_earlier_phase(tmp_path) -> None:
+    raw = pipeline(tmp_path)
+    raw["phases"][0]["gates"] = [{"metric": "eval/si_sdri", "min": 0.0, "relative_to": "long"}]
+    raw["phases"][1]["gates"] = [{"metric": "eval/si_sdri", "min": -0.5, "relative_to": "short"}]
+    msg = plan_error(raw)
+    assert "phases[0](short).gates: relative_to 'long' is not an earlier phase (earlier phases: none)" in msg
+    assert "phases[1]" not in msg
+
+
+def test_a_relative_gate_bounds_the_difference_from_the_other_phase() -> None:
+    from raytrain.config.schema import GateConfig
+    from raytrain.pipeline import check_gate, gate_text
+    from raytrain.runs import PhaseEntry
+
+    gate = GateConfig(metric="eval/secs", min=-0.03, relative_to="teacher")
+    teacher = PhaseEntry(final_metrics={"eval/secs": 0.79})
+    ok, low = check_gate(gate, {"eval/secs": 0.77}, teacher), check_gate(gate, {"eval/secs": 0.70}, teacher)
+    assert ok.passed and ok.value == pytest.approx(-0.02) and ok.reference == 0.79
+    assert not low.passed and gate_text(low) == "eval/secs - teacher's 0.79 = -0.09 (needs >= -0.03) FAILED"
+    missing = check_gate(gate, {"eval/secs": 0.8}, PhaseEntry(final_metrics={}))
+    assert not missing.passed and "teacher's missing = missing" in gate_text(missing)
+
+
 def test_all_problems_are_listed_together(tmp_path) -> None:
     raw = pipeline(tmp_path)
     raw["phases"][0]["freeze"] = ["nope.*"]

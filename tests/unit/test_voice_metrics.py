@@ -93,6 +93,7 @@ def test_secs_of_the_parallel_beats_the_source_and_padding_is_ignored(speech) ->
     assert "secs_cross" not in alone
     assert alone["secs"][0] == pytest.approx(float(out["secs"][0]), abs=1e-6)
     assert alone["secs_source"][0] == pytest.approx(float(out["secs_source"][0]), abs=1e-6)
+    assert torch.allclose(out["secs_gain"], out["secs"] - out["secs_source"])
 
 
 def test_silence_and_short_clips(speech) -> None:
@@ -128,6 +129,8 @@ def test_mcd_is_zero_on_itself_and_grows_with_the_voice(speech) -> None:
               {"audio": source, "lengths": src_len, "parallel": parallel, "parallel_lengths": par_len})
     assert got["mcd"][0] == pytest.approx(slow, rel=1e-6) and got["mcd"][1] == pytest.approx(0.0, abs=1e-6)
     assert got["mcd_source"][0] == pytest.approx(other, rel=1e-6) and got["mcd_source"][1] > 10
+    num, den = got["mcd_ratio"]  # the set's ratio: summed over rows, not a mean of per-row ratios
+    assert float(num.sum() / den.sum()) == pytest.approx(slow / float(other + got["mcd_source"][1]), rel=1e-6)
 
 
 def test_dnsmos_prefers_clean_speech_to_noisy(speech) -> None:
