@@ -106,6 +106,15 @@ def _infer(args: argparse.Namespace) -> int:
     from raytrain.models import CTCASR
 
     model = load_model(args.source, args.phase)
+    from raytrain.models.vc import VCFlow
+
+    if isinstance(model, VCFlow):
+        from raytrain import vc_infer
+
+        return vc_infer.run(model, args.ref, args.inputs, args.output, args.steps)
+    if args.ref is not None or args.steps is not None:
+        print("error: --ref and --steps are for voice-conversion models (vc_flow)", file=sys.stderr)
+        return 2
     if isinstance(model, CTCASR):
         from raytrain import asr_infer
 
@@ -233,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-by", default="item", choices=["item", "speaker"], help="split by item or by speaker")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     p.set_defaults(fn=_prep)
-    p = sub.add_parser("infer", help="separate or transcribe audio files with a trained model")
+    p = sub.add_parser("infer", help="separate, transcribe or convert audio files with a trained model")
     p.add_argument("source", help="run folder runs/<pipeline>/<id>, a phase folder, a model.pt, "
                                   "or an exported separation model .onnx (onnxruntime, CPU)")
     p.add_argument("inputs", nargs="+", help="input wav/flac files (any sample rate); ASR also takes .tsv manifests")
@@ -242,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-ms", type=float, default=640.0,
                    help="ASR with an Emformer: stream the audio in chunks of this many ms (default 640)")
     p.add_argument("--full", action="store_true", help="ASR: full-utterance decoding only, no streaming")
+    p.add_argument("--ref", help="voice conversion: a recording of the target voice (1.6 s or more of speech)")
+    p.add_argument("--steps", type=int, help="voice conversion: sampling steps of the flow (default: the model's)")
     p.set_defaults(fn=_infer)
     p = sub.add_parser("ckpt", help="checkpoint tools: `ckpt diff CKPT PIPELINE --phase P`")
     ck = p.add_subparsers(dest="ckpt_command", required=True)

@@ -22,10 +22,34 @@ def train_names(phase: Any) -> list[str]:
     return [s.name for s in getattr(phase, "train", [])]
 
 
+def _trainer_class() -> Any:
+    """Ray Train's TorchTrainer; on a Ray that raytrain (or a test) started on this machine, without its
+    placement-group cleaner.
+
+    The cleaner is a detached actor, started at every phase's start, that polls the dashboard's State API
+    every second to remove the phase's placement group should the controller die; a phase's end waits up to
+    2 s for it to stop. On a one-node Ray owned by the driver's process, a dead controller's placement group
+    goes with the driver's job: the actor is a process (about 2.5 CPU-seconds) and a wait at every phase for
+    nothing. On a cluster (`RAY_ADDRESS`, or `ray job submit`) it stays."""
+    import os
+
+    from ray.train.torch import TorchTrainer
+
+    if os.environ.get("RAY_ADDRESS"):
+        return TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class LocalTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()  # type: ignore[misc]  # Ray Train V2
+            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return LocalTorchTrainer
+
+
 def fit(ctx: PhaseContext, kind: PhaseKind) -> None:
     import ray.train
     from ray.data import DataContext
-    from ray.train.torch import TorchTrainer
 
     from raytrain.data.datasets import phase_datasets
     from raytrain.phases import train_loop_per_worker
@@ -42,7 +66,7 @@ def fit(ctx: PhaseContext, kind: PhaseKind) -> None:
     exec_opts.preserve_order = True  # same batch order every run: exact mid-phase resume
     datasets, held, audio = phase_datasets(ctx.datasets, train_names(phase), phase.eval, seed=ctx.pipe.seed,
                                            columns=ctx.plan.columns)
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         train_loop_per_worker,
         train_loop_config={"pipeline": ctx.pipe.model_dump(mode="json"), "phase": phase.name, "kind": kind.name,
                            "phase_dir": str(ctx.phase_dir), "init": ctx.init, "events": pump.queue,

@@ -73,6 +73,27 @@ def test_recipe(recipe: str, recipe_run: Any) -> None:
             source = summary["phases"][phase.init.phase]["best_checkpoint"]
             scored, given = load_weights(entry["last_checkpoint"]), load_weights(source)
             assert all(torch.equal(scored[k], given[k]) for k in given)
+    if cfg.model.name == "vc_flow":
+        check_vc_infer(run_dir, run["root"])
+
+
+def check_vc_infer(run_dir: Path, root: Path) -> None:
+    """`raytrain infer RUN --ref`: the run's last trained phase (the student) converts a file, with --steps."""
+    import shutil
+    import subprocess
+
+    import soundfile as sf
+
+    from raytrain.cli import main
+
+    exe = shutil.which("espeak-ng")
+    assert exe, "espeak-ng is installed by `make test` (apt)"
+    ref, src = root / "infer_ref.wav", root / "infer_src.wav"
+    subprocess.run([exe, "-v", "en+f3", "-w", str(ref), "please call stella and ask her"], check=True)
+    subprocess.run([exe, "-v", "en+m1", "-w", str(src), "the quick brown fox jumps over the dog"], check=True)
+    assert main(["infer", str(run_dir), "--ref", str(ref), str(src), "-o", str(root / "vc_out"), "--steps", "1"]) == 0
+    wave, sr = sf.read(str(root / "vc_out" / "infer_src_to_infer_ref.wav"))
+    assert sr == 16000 and len(wave) > sr
 
 
 def check_export(phase: Any, entry: dict[str, Any], summary: dict[str, Any], arts: set[str], client: Any,

@@ -1,19 +1,18 @@
 """configs/pipelines/streaming_asr_tiny.yaml end to end on local Ray with a tiny model and few steps:
 the encoder swap's load report, frozen heads, per-group LR schedules, the evaluate phase, `ckpt diff`,
-streaming `infer`, a worker killed mid-phase that Ray Train restarts from the last checkpoint, and a
-driver killed mid-phase that `raytrain run --resume` continues."""
+streaming `infer`, and a worker killed mid-phase that Ray Train restarts from the last checkpoint to the
+uninterrupted weights (a killed driver continued by `raytrain run --resume`: tests/integration/test_resume.py,
+the same checkpoints and data positions)."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from datasets_prep import faults
 from raytrain.checkpoints import load_weights
 from raytrain.config import load_config
 from raytrain.config.schema import ScheduleConfig
@@ -21,7 +20,6 @@ from raytrain.optim import lr_factor
 from raytrain.pipeline import PipelineRunner
 
 from ._recipes import base_overrides, yaml_of
-from .conftest import crash, raytrain_cli, registered_checkpoints
 
 YAML = yaml_of("streaming_asr_tiny")
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -137,11 +135,6 @@ def test_streaming_infer_transcribes_a_tsv_and_reports_agreement_latency_and_rtf
 
 
 CONFORMER_STEPS = 40
-# The second checkpoint (every 5 steps): paused there, a run has two registered checkpoints only once this
-# step's is one of them, so the resumed run starts at exactly this step.
-PAUSE_STEP = 10
-
-
 def _conformer_only(corpus: Path, runs: Path, *extra: str) -> list[str]:
     """Overrides for a 40-step conformer phase that checkpoints every 5 steps."""
     return _overrides(corpus, runs, steps=(CONFORMER_STEPS, 2, 2)) + ["phases.conformer.checkpoint_every=5",
@@ -172,28 +165,3 @@ def test_a_worker_killed_mid_phase_is_restarted_and_ends_with_the_uninterrupted_
     assert (Path(faulted["dir"]) / ".fail_at_step.done").exists()  # the worker did die at step 22
     _same_weights(plain["last_checkpoint"], faulted["last_checkpoint"])
     assert faulted["final_metrics"]["eval/cer"] == pytest.approx(plain["final_metrics"]["eval/cer"], abs=1e-9)
-
-
-def test_the_driver_killed_mid_phase_resumes_with_run_resume_to_the_uninterrupted_weights(
-        asr_corpus: Path, uninterrupted_conformer: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    args = ["run", str(YAML), "--phases", "conformer", "--run-dir", str(tmp_path / "cut")]
-    for o in _conformer_only(asr_corpus, tmp_path / "runs"):
-        args += ["-o", o]
-    monkeypatch.setenv(faults.ENV, f"step={PAUSE_STEP}")  # the run stops at the step: no race to kill it
-    cut = raytrain_cli(*args, log=tmp_path / "cut.log")
-    phase_dir, deadline = tmp_path / "cut" / "conformer", time.monotonic() + 400
-    marker = faults.marker_path("step", PAUSE_STEP, phase_dir)
-    while not (marker.exists() and len(registered_checkpoints(phase_dir)) >= 2):
-        assert cut.poll() is None and time.monotonic() < deadline, (
-            f"no pause at step {PAUSE_STEP} with 2 registered checkpoints (exit code {cut.poll()}):\n"
-            + (tmp_path / "cut.log").read_text()[-3000:])
-        time.sleep(0.1)
-    crash(cut)
-    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["phases"]["conformer"]["status"] == "running"
-
-    resumed = raytrain_cli(*args, "--resume", log=tmp_path / "resume.log")
-    assert resumed.wait(timeout=400) == 0, (tmp_path / "resume.log").read_text()[-3000:]
-    assert f"resumed phase 'conformer' at step {PAUSE_STEP}" in (tmp_path / "resume.log").read_text()
-    entry = json.loads((tmp_path / "cut" / "summary.json").read_text())["phases"]["conformer"]
-    assert entry["status"] == "finished" and entry["steps"] == CONFORMER_STEPS
-    _same_weights(uninterrupted_conformer["last_checkpoint"], entry["last_checkpoint"])
