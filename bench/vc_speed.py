@@ -1,6 +1,6 @@
 """The vc_flow student against its teacher: seconds per utterance, same dev rows, same threads, one run.
 
-    python bench/vc_speed.py RUN_DIR [--teacher phase2] [--student distill_b] [--threads 1] [--rows 20]
+    python bench/vc_speed.py RUN_DIR [--teacher phase2] [--student distill_b] [--student-run DIR] [--threads 1]
 
 RUN_DIR is a finished `raytrain run configs/pipelines/vc_flow_tiny.yaml` (its config.yaml gives both models'
 sizes and steps, its embed phase the dev rows with their reference embeddings). Each dev source is converted
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--teacher", default="phase2")
     ap.add_argument("--student", default="distill_b")
+    ap.add_argument("--student-run", type=Path, help="the student's run folder, if not RUN_DIR")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", type=int, default=20)
     args = ap.parse_args(argv)
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     rows = dev_rows(args.run_dir, args.rows)
-    models = {name: model_of(args.run_dir, getattr(args, name)) for name in ("teacher", "student")}
+    models = {"teacher": model_of(args.run_dir, args.teacher),
+              "student": model_of(args.student_run or args.run_dir, args.student)}
     for model, _ in models.values():  # warm-up: first calls allocate and build the Griffin-Lim window
         convert(model, rows[0])
     times: dict[str, list[tuple[float, float]]] = {"teacher": [], "student": []}

@@ -37,7 +37,7 @@ class EvaluateRunner(PhaseRunner):
         self.amp = autocast_dtype(phase.precision, self.device)
         self.loss_fns = {name: (LOSSES.get(name), w) for name, w in phase.losses.items()}
         self.metric_fns = [METRICS.get(m) for m in phase.metrics]
-        self.eval_shard = ray.train.get_dataset_shard("eval")
+        self.eval_shard = self.dataset_shard("eval")
         self.eval_audio = self.cfg.get("audio", {}).get("eval")
         self._eval_cache = None
         self.eval_transforms = build_transforms([t.model_dump() for t in phase.eval_transforms],

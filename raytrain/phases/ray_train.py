@@ -22,29 +22,37 @@ def train_names(phase: Any) -> list[str]:
     return [s.name for s in getattr(phase, "train", [])]
 
 
-def _trainer_class() -> Any:
-    """Ray Train's TorchTrainer; on a Ray that raytrain (or a test) started on this machine, without its
-    placement-group cleaner.
+def _trainer_class(own_datasets: bool) -> Any:
+    """Ray Train's TorchTrainer, leaner where its parts would do nothing.
 
-    The cleaner is a detached actor, started at every phase's start, that polls the dashboard's State API
-    every second to remove the phase's placement group should the controller die; a phase's end waits up to
-    2 s for it to stop. On a one-node Ray owned by the driver's process, a dead controller's placement group
-    goes with the driver's job: the actor is a process (about 2.5 CPU-seconds) and a wait at every phase for
-    nothing. On a cluster (`RAY_ADDRESS`, or `ray job submit`) it stays."""
+    On a Ray that raytrain (or a test) started on this machine: no placement-group cleaner, a detached
+    actor started at every phase that polls the dashboard's State API every second to remove the phase's
+    placement group should the controller die (and a phase's end waits up to 2 s for it to stop). On a
+    one-node Ray owned by the driver's process, a dead controller's placement group goes with the driver's
+    job: the actor is a process (about 2.5 CPU-seconds) and a wait at every phase for nothing. On a cluster
+    (`RAY_ADDRESS`, or `ray job submit`) it stays.
+
+    With `own_datasets` (one worker: nothing to split, the datasets travel in the worker's config): no
+    datasets callback, whose dataset-manager actor would only hand the one worker each dataset's iterator
+    (another ~2 CPU-s process at every phase's start)."""
     import os
 
     from ray.train.torch import TorchTrainer
-
-    if os.environ.get("RAY_ADDRESS"):
-        return TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    class LocalTorchTrainer(TorchTrainer):
+    drop: tuple[type, ...] = () if os.environ.get("RAY_ADDRESS") else (PlacementGroupCleanerCallback,)
+    if own_datasets:
+        drop += (DatasetsCallback,)
+    if not drop:
+        return TorchTrainer
+
+    class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self) -> list[Any]:
             callbacks = super()._create_default_callbacks()  # type: ignore[misc]  # Ray Train V2
-            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+            return [c for c in callbacks if not isinstance(c, drop)]
 
-    return LocalTorchTrainer
+    return LeanTorchTrainer
 
 
 def fit(ctx: PhaseContext, kind: PhaseKind) -> None:
@@ -66,13 +74,25 @@ def fit(ctx: PhaseContext, kind: PhaseKind) -> None:
     exec_opts.preserve_order = True  # same batch order every run: exact mid-phase resume
     datasets, held, audio = phase_datasets(ctx.datasets, train_names(phase), phase.eval, seed=ctx.pipe.seed,
                                            columns=ctx.plan.columns)
-    trainer = _trainer_class()(
+    own = sc.num_workers == 1  # nothing to split: the worker iterates the datasets itself (`dataset_shard`)
+    given: dict[str, Any] = {}
+    if own:
+        import copy
+
+        mine = {}
+        for name, ds in datasets.items():  # what Ray Train's DataConfig does with a dataset it does not split
+            ds = ds.copy(ds)
+            ds.set_name(name)
+            ds.context.execution_options = copy.deepcopy(exec_opts)
+            mine[name] = ds
+        given = {"datasets": mine, "data_context": copy.deepcopy(data_ctx)}
+    trainer = _trainer_class(own)(
         train_loop_per_worker,
         train_loop_config={"pipeline": ctx.pipe.model_dump(mode="json"), "phase": phase.name, "kind": kind.name,
                            "phase_dir": str(ctx.phase_dir), "init": ctx.init, "events": pump.queue,
                            "threads": None if use_gpu else threads, "hold": held, "audio": audio,
                            "sample_rate": ctx.plan.sample_rate, "report_evals": ctx.report_evals,
-                           **kind_extras(ctx)},
+                           **given, **kind_extras(ctx)},
         scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -82,7 +102,7 @@ def fit(ctx: PhaseContext, kind: PhaseKind) -> None:
                                                          checkpoint_score_order=mode),
             failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
             callbacks=ctx.train_callbacks),
-        datasets=datasets,
+        datasets=None if own else datasets,
         # One worker reads each dataset whole: no split coordinator actor beside it.
         dataset_config=ray.train.DataConfig(datasets_to_split="all" if sc.num_workers > 1 else [],
                                             execution_options=exec_opts),

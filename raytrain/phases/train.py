@@ -291,7 +291,7 @@ class PhaseRunner:
         self.loss_fns = {name: (LOSSES.get(name), w) for name, w in phase.losses.items()}
         self.metric_fns = [METRICS.get(m) for m in phase.metrics]
         sr = int(self.cfg["sample_rate"] or 0)
-        shards = {n.name: ray.train.get_dataset_shard(f"train:{n.name}") for n in phase.train}
+        shards = {n.name: self.dataset_shard(f"train:{n.name}") for n in phase.train}
         audio = self.cfg.get("audio", {})  # dataset key -> audio_spec (stored format, decoded in the collate)
         self.eval_audio = audio.get("eval")
         self.stream = BatchStream(
@@ -300,10 +300,25 @@ class PhaseRunner:
             seed=self.pipe.seed, shuffle_buffer=phase.shuffle_buffer, position=position,
             hold=set(self.cfg.get("hold", [])),
             audio={n.name: audio[f"train:{n.name}"] for n in phase.train if f"train:{n.name}" in audio})
-        self.eval_shard = ray.train.get_dataset_shard("eval") if phase.eval else None
+        self.eval_shard = self.dataset_shard("eval") if phase.eval else None
         self._eval_cache: list[dict[str, torch.Tensor]] | None = None
         self.eval_transforms = build_transforms([t.model_dump() for t in phase.eval_transforms], sr,
                                                 self.pipe.seed + 1)
+
+    def dataset_shard(self, name: str) -> Any:
+        """This worker's iterator of dataset `name`: Ray Train's shard, or (one worker, no split: the driver
+        passed the datasets in the config, `raytrain.phases.ray_train`) the dataset's own iterator."""
+        import ray.train
+
+        given = self.cfg.get("datasets")
+        if given is None:
+            return ray.train.get_dataset_shard(name)
+        if "data_context" in self.cfg and not getattr(self, "_data_context_set", False):
+            from ray.data import DataContext
+
+            DataContext._set_current(self.cfg["data_context"])  # as Ray Train sets the driver's on its workers
+            self._data_context_set = True
+        return given[name].iterator()
 
     def _build_modules(self, fresh: bool) -> dict[str, TrainedModule]:
         return build_modules(self.phase, self.cfg.get("module_inits") or {}, fresh, self.device, self.amp)
