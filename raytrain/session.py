@@ -8,12 +8,17 @@ import os
 from raytrain.config.schema import PhaseBase, PipelineConfig
 
 
+def _ray_env() -> None:
+    """What raytrain sets before it starts or joins any Ray: every worker's log lines, Ray Train V2."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
 def local_ray_env() -> None:
     """The environment of a one-node Ray that raytrain starts (set before `ray.init`; a test that starts
     its own local Ray calls this first, so it runs as a user's)."""
+    _ray_env()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # A one-node Ray has no node that can be drained or preempted, and each idle Ray actor wakes up 100
     # times a second: leave Ray Train's preemption watcher (an actor at every phase's start) out.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -30,11 +35,10 @@ def ray_init() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if ray.is_initialized():
         return
-    if not os.environ.get("RAY_ADDRESS"):
-        local_ray_env()
+    if os.environ.get("RAY_ADDRESS"):
+        _ray_env()
     else:
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+        local_ray_env()
     # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group cleaner polls.
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=True, log_to_driver=True,
              logging_level=logging.WARNING, configure_logging=True)

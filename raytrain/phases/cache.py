@@ -107,16 +107,17 @@ class CacheMapper:
         self.phase = CachePhaseConfig.model_validate(phase)
         self.transforms = build_transforms([t.model_dump() for t in self.phase.eval_transforms], sample_rate or 0,
                                            seed)
-        self._collates: dict[str, Any] = {}
-        self._collate_cls = Collate
+        self._collates: dict[str, Collate] = {}  # one per dataset's audio spec
         self.sample_rate = sample_rate
         self.specs = output_specs(self.phase, None)
 
     def map(self, batch: dict[str, np.ndarray], audio: dict[str, Any]) -> dict[str, Any]:
         """One batch of a dataset whose audio columns are `audio` (`audio_spec`)."""
+        from raytrain.data.stream import Collate
+
         key = json.dumps(audio, sort_keys=True, default=str)
         if key not in self._collates:
-            self._collates[key] = self._collate_cls(self.transforms, epoch=0, audio=audio)
+            self._collates[key] = Collate(self.transforms, epoch=0, audio=audio)
         return self(batch, self._collates[key])
 
     def __call__(self, batch: dict[str, np.ndarray], collate: Any) -> dict[str, Any]:
@@ -227,21 +228,26 @@ class CacheKind(PhaseKind):
         entry = ctx.entry
         entry.datasets, entry.forward_passes = {}, 0
         t0 = time.time()
+        model = ctx.pipe.phase_model(phase).model_dump(mode="json")
+        # what every output's key shares: the weights file's hash (a pretrained model: its config), the model
+        keyed = {"weights": file_sha256(weights) if weights is not None else None, "model": model,
+                 "phase": phase.model_dump(mode="json", exclude={"name", "cache_dir", "scaling"})}
         pool = _ActorPool(lambda: [
             _mapper_class(use_gpu, resources).remote(
-                model=ctx.pipe.phase_model(phase).model_dump(mode="json"), weights=weights,
+                model=model, weights=weights,
                 phase=phase.model_dump(mode="json"), sample_rate=ctx.plan.sample_rate, seed=ctx.pipe.seed,
                 threads=None if use_gpu else threads, use_gpu=use_gpu)
             for _ in range(ctx.pipe.phase_scaling(phase).num_workers)])
         try:
             for src, name in phase.datasets.items():
-                self._one(ctx, src, name, weights, pool)
+                self._one(ctx, src, name, weights, keyed, pool)
         finally:
             pool.close()
         entry.wall_s = round(entry.wall_s + time.time() - t0, 1)
         entry.final_metrics = {"cache/forward_passes": float(entry.forward_passes)}
 
-    def _one(self, ctx: PhaseContext, src: str, name: str, weights: str | None, pool: _ActorPool) -> None:
+    def _one(self, ctx: PhaseContext, src: str, name: str, weights: str | None, keyed: dict[str, Any],
+             pool: _ActorPool) -> None:
         """Dataset `src` into output `name`: reused when its key's folder is complete, else written."""
         from datasets_prep.shards import DatasetWriter, read_manifest
         from raytrain.data.datasets import audio_spec, read_columns, read_dataset
@@ -251,10 +257,7 @@ class CacheKind(PhaseKind):
         path = ctx.datasets[src][0]
         manifest = read_manifest(path)
         key = hashlib.sha256(json.dumps({
-            "source": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
-            "weights": file_sha256(weights) if weights is not None else None,  # a pretrained model: its config
-            "model": ctx.pipe.phase_model(phase).model_dump(mode="json"),
-            "phase": phase.model_dump(mode="json", exclude={"name", "cache_dir", "scaling"}),
+            "source": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(), **keyed,
         }, sort_keys=True).encode()).hexdigest()
         folder = Path(phase.cache_dir) / name / key[:16]
         if _manifest_key(folder) == key and not ctx.rebuild_cache:
