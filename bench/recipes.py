@@ -66,6 +66,18 @@ BARS: dict[str, list[Bar]] = {
         Bar("distill_b", "eval/dnsmos", min=-0.1, relative_to="phase2")],
 }
 
+# Figures printed under a recipe's row besides its bars: (phase, metric).
+FIGURES: dict[str, list[tuple[str, str]]] = {
+    "vc_flow_tiny": [
+        ("phase2", "eval/secs_cross"), ("phase2", "eval/secs_within"), ("phase2", "eval/secs_source"),
+        ("phase2", "eval/mcd"), ("phase2", "eval/mcd_source"), ("phase1b_rooms", "eval/secs"),
+        ("phase2_rooms", "eval/secs"), ("phase2", "eval/dnsmos"), ("distill_b", "eval/secs"),
+        ("distill_b", "eval/dnsmos"), ("distill_b", "eval/mcd_ratio"), ("export", "eval/secs"),
+        ("export", "export/secs_onnx"), ("export", "export/secs_int8"), ("export", "export/onnx_max_abs_diff"),
+        ("export", "export/int8_max_abs_diff"), ("export", "export/int8_rel_error"),
+        ("export", "export/rtf_torch"), ("export", "export/rtf_onnx"), ("export", "export/rtf_int8")],
+}
+
 
 def commit() -> str:
     def git(*args: str) -> str:
@@ -124,7 +136,9 @@ def score(name: str, rc: int, wall: float, prep_s: float, summary: dict[str, Any
             "prep_s": round(prep_s, 1), "wall_s": round(wall, 1),
             "phases": [{"name": k, "status": v.get("status"), "steps": v.get("steps"), "wall_s": v.get("wall_s")}
                        for k, v in phases.items()],
-            "bars": bars, "passed": rc == 0 and bars != [] and all(b["passed"] for b in bars)}
+            "bars": bars, "passed": rc == 0 and bars != [] and all(b["passed"] for b in bars),
+            "figures": {f"{ph} {m}": (phases.get(ph, {}).get("final_metrics") or {}).get(m)
+                        for ph, m in FIGURES.get(name, [])}}
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
@@ -136,6 +150,8 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
                          f"{'ok' if b['passed'] else 'MISSED'}" for b in r["bars"])
         wall = f"{r['wall_s'] / 60:.1f}m"
         print(f"{r['recipe']:<20} {'pass' if r['passed'] else 'FAIL':<6} {wall:>7}  {phases:<64} {bars}")
+        for key, value in r.get("figures", {}).items():
+            print(f"    {key:<40} {'missing' if value is None else format(value, '.4g')}")
     print(f"commit {rows[0]['commit'] if rows else commit()}; wall = `raytrain run` from start to exit "
           "(Ray start-up included, prep not)")
 

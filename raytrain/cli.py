@@ -106,12 +106,13 @@ def _infer(args: argparse.Namespace) -> int:
     from raytrain.models import CTCASR
 
     model = load_model(args.source, args.phase)
+    from raytrain import vc_infer
     from raytrain.models.vc import VCFlow
 
     if isinstance(model, VCFlow):
-        from raytrain import vc_infer
-
         return vc_infer.run(model, args.ref, args.inputs, args.output, args.steps)
+    if vc_infer.is_vc_export(model):
+        return vc_infer.run(vc_infer.OnnxConverter(model), args.ref, args.inputs, args.output, args.steps)
     if args.ref is not None or args.steps is not None:
         print("error: --ref and --steps are for voice-conversion models (vc_flow)", file=sys.stderr)
         return 2

@@ -49,23 +49,35 @@ class ExportError(RuntimeError):
 class ExportSpec:
     """What an exported graph takes and returns.
 
-    ``inputs``: batch keys fed positionally, each ``(batch, time)`` or ``(batch, time, ...)``.
+    ``inputs``: batch keys fed positionally, each ``(batch, time)`` or ``(batch, time, ...)``; the first
+    is the audio (its time is what real-time factors count).
+    ``untimed``: those of the inputs that have no time axis, only a dynamic batch axis (a row's length,
+    a speaker embedding).
     ``outputs``: output keys returned, in this order.
     ``time_axes``: the time axis of an input (default 1 for inputs not named) and of each
     output aligned sample for sample with the inputs' time (those are trimmed back after
     padding and zeroed beyond ``batch["lengths"]``); outputs not named have no such axis.
     ``time_multiple``: the graph takes time lengths that are multiples of this (see the module
     docstring); callers zero-pad to it.
+    ``min_time``: the shortest first input (time steps) the graph holds for (a centred STFT's reflect
+    padding needs more samples than half its window).
     """
 
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     time_axes: dict[str, int] = field(default_factory=dict)
     time_multiple: int = 1
+    untimed: tuple[str, ...] = ()
+    min_time: int = 1
 
     def __post_init__(self) -> None:
         if not self.inputs or not self.outputs:
             raise ValueError("ExportSpec needs at least one input and one output")
+        stray = [n for n in self.untimed if n not in self.inputs]
+        if stray:
+            raise ValueError(f"ExportSpec.untimed names {stray}, which are not inputs {list(self.inputs)}")
+        if self.inputs[0] in self.untimed:
+            raise ValueError(f"ExportSpec: the first input ({self.inputs[0]!r}) is the audio and needs a time axis")
         if self.time_multiple < 1:
             raise ValueError(f"ExportSpec.time_multiple must be >= 1, got {self.time_multiple}")
         for name, axis in self.time_axes.items():
@@ -74,6 +86,8 @@ class ExportSpec:
 
     def time_axis(self, name: str) -> int | None:
         """The time axis of input or output ``name`` (inputs default to 1; None: none)."""
+        if name in self.untimed:
+            return None
         if name in self.time_axes:
             return self.time_axes[name]
         return 1 if name in self.inputs else None
@@ -84,6 +98,8 @@ class ExportSpec:
             f"{META_PREFIX}outputs": json.dumps(list(self.outputs)),
             f"{META_PREFIX}time_axes": json.dumps(self.time_axes, sort_keys=True),
             f"{META_PREFIX}time_multiple": str(self.time_multiple),
+            f"{META_PREFIX}untimed": json.dumps(list(self.untimed)),
+            f"{META_PREFIX}min_time": str(self.min_time),
         }
 
     @classmethod
@@ -97,6 +113,8 @@ class ExportSpec:
             outputs=names(f"{META_PREFIX}outputs", outputs),
             time_axes={str(k): int(v) for k, v in json.loads(meta.get(f"{META_PREFIX}time_axes", "{}")).items()},
             time_multiple=int(meta.get(f"{META_PREFIX}time_multiple", "1")),
+            untimed=tuple(json.loads(meta.get(f"{META_PREFIX}untimed", "[]"))),
+            min_time=int(meta.get(f"{META_PREFIX}min_time", "1")),
         )
 
 
@@ -114,6 +132,19 @@ def export_spec(model: Any) -> ExportSpec:
     return spec
 
 
+def graph_forward(model: Any) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    """What the exported graph computes: ``model.export_forward`` when the model has one (its forward does
+    more than the graph can hold, e.g. a Griffin-Lim vocoder after the network), else the model itself."""
+    return getattr(model, "export_forward", model)
+
+
+def finish_exported(model: Any, out: dict[str, Tensor], batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An exported graph's outputs completed as the torch model's forward returns them: through
+    ``model.export_finish(out, batch)`` when the model has one (the vocoder, lengths), else as they are."""
+    finish = getattr(model, "export_finish", None)
+    return out if finish is None else finish(out, batch)
+
+
 class _Positional(nn.Module):
     """The spec's inputs in, positionally; the spec's outputs out, as a tuple."""
 
@@ -123,7 +154,7 @@ class _Positional(nn.Module):
         self.spec = spec
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        out = self.model(dict(zip(self.spec.inputs, inputs, strict=True)))
+        out = graph_forward(self.model)(dict(zip(self.spec.inputs, inputs, strict=True)))
         missing = [k for k in self.spec.outputs if k not in out]
         if missing:
             raise ExportError(f"model {type(self.model).__name__} returned {sorted(out)}, "
@@ -150,9 +181,13 @@ def _example_inputs(spec: ExportSpec, batch: Mapping[str, Tensor]) -> tuple[Tens
     for name in spec.inputs:
         x = batch[name].detach().cpu()
         axis = spec.time_axis(name)
-        if axis is None or x.ndim <= axis:
+        if axis is None:
+            if x.ndim < 1:
+                raise ExportError(f"example input {name!r} is a scalar: expected (batch, ...)")
+        elif x.ndim <= axis:
             raise ExportError(f"example input {name!r} has shape {tuple(x.shape)}: expected (batch, time, ...)")
-        x = _pad_time(x, axis, spec.time_multiple)
+        else:
+            x = _pad_time(x, axis, spec.time_multiple)
         if x.shape[0] == 1:
             x = torch.cat([x, x])
         xs.append(x)
@@ -168,7 +203,9 @@ def _check_cases(spec: ExportSpec, xs: tuple[Tensor, ...]) -> list[tuple[Tensor,
     base = []
     for name, x in zip(spec.inputs, xs, strict=True):
         axis = spec.time_axis(name)
-        assert axis is not None
+        if axis is None:
+            base.append(x[:2])
+            continue
         steps = min(x.shape[axis], max(spec.time_multiple, CHECK_STEPS // spec.time_multiple * spec.time_multiple))
         base.append(x[:2].narrow(axis, 0, steps))
     return [tuple(base), _variant(spec, tuple(base))]
@@ -180,7 +217,9 @@ def _variant(spec: ExportSpec, xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     out = []
     for name, x in zip(spec.inputs, xs, strict=True):
         axis = spec.time_axis(name)
-        assert axis is not None
+        if axis is None:
+            out.append(torch.cat([x, x[:1]]))
+            continue
         y = torch.cat([x, x[:1].flip(axis)])
         tail = y.narrow(axis, 0, spec.time_multiple).flip(axis)
         out.append(torch.cat([y, tail], dim=axis))
@@ -194,11 +233,19 @@ def _dim_name(name: str) -> str:
 def _dynamic_shapes(spec: ExportSpec) -> tuple[tuple[dict[int, Any], ...]]:
     batch = torch.export.Dim("batch")
     shapes = []
-    for name in spec.inputs:
+    for i, name in enumerate(spec.inputs):
         axis = spec.time_axis(name)
-        assert axis is not None
+        if axis is None:
+            shapes.append({0: batch})
+            continue
+        if i == 0 and spec.min_time > 1 and spec.time_multiple == 1:
+            # A bounded length: guards the bound implies but sympy cannot prove (a centred STFT's frame count
+            # is never 1) are kept as checks rather than refused; the parity check runs other lengths.
+            shapes.append({0: batch, axis: torch.export.Dim.DYNAMIC(min=spec.min_time)})
+            continue
+        bounds = {"min": -(-spec.min_time // spec.time_multiple)} if i == 0 and spec.min_time > 1 else {}
         steps = torch.export.Dim(f"time_{_dim_name(name)}" if spec.time_multiple == 1
-                                 else f"time_{_dim_name(name)}_div{spec.time_multiple}")
+                                 else f"time_{_dim_name(name)}_div{spec.time_multiple}", **bounds)
         shapes.append({0: batch, axis: steps if spec.time_multiple == 1 else spec.time_multiple * steps})
     return (tuple(shapes),)  # forward(*inputs): one entry, the tuple of inputs
 
@@ -210,6 +257,9 @@ def _metadata(model: nn.Module, spec: ExportSpec, extra: Mapping[str, str] | Non
     sample_rate = getattr(model, "sample_rate", None)
     if sample_rate is not None:
         meta[f"{META_PREFIX}sample_rate"] = str(int(sample_rate))
+    own = getattr(model, "export_metadata", None)  # what a runtime needs beyond the graph (a vocoder's sizes)
+    if own is not None:
+        meta.update({f"{META_PREFIX}{k}": str(v) for k, v in own().items()})
     for k, v in (extra or {}).items():
         if k in meta:
             raise ValueError(f"metadata key {k!r} is written by raytrain.export itself")
@@ -348,9 +398,12 @@ class _PaddedPositional(nn.Module):
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         spec = self.spec
-        axes = [spec.time_axis(n) or 1 for n in spec.inputs]
-        outs = self.inner(*(self.pad(x, a, spec.time_multiple) for x, a in zip(inputs, axes, strict=True)))
-        return tuple(y if (axis := spec.time_axis(name)) is None else self.trim(y, axis, inputs[0], axes[0])
+        axes = [spec.time_axis(n) for n in spec.inputs]
+        outs = self.inner(*(x if a is None else self.pad(x, a, spec.time_multiple)
+                            for x, a in zip(inputs, axes, strict=True)))
+        first = axes[0]
+        assert first is not None  # ExportSpec: the first input is timed
+        return tuple(y if (axis := spec.time_axis(name)) is None else self.trim(y, axis, inputs[0], first)
                      for name, y in zip(spec.outputs, outs, strict=True))
 
 
@@ -393,8 +446,8 @@ def export_torchscript(
 
             _check(path.name, run, inner, cases, check_tolerance)
             if spec.time_multiple > 1:  # a length off the multiple: the module pads inside, as its eager self does
-                odd = tuple(x.narrow(a, 0, x.shape[a] - 1) for x, a in
-                            ((x, spec.time_axis(n) or 1) for n, x in zip(spec.inputs, cases[1], strict=True)))
+                odd = tuple(x if a is None else x.narrow(a, 0, x.shape[a] - 1) for x, a in
+                            ((x, spec.time_axis(n)) for n, x in zip(spec.inputs, cases[1], strict=True)))
                 _check(path.name, run, wrapper, [odd], check_tolerance)
         with _atomic(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.save is deprecated in torch 2.14
@@ -502,10 +555,15 @@ class OnnxModel:
         time_len: int | None = None
         for name in spec.inputs:
             x = batch[name].detach().cpu()
-            in_axis = spec.time_axis(name) or 1
-            if time_len is None:
-                time_len = x.shape[in_axis]
-            feeds[name] = _pad_time(x, in_axis, spec.time_multiple).numpy().astype(self._dtypes[name], copy=False)
+            in_axis = spec.time_axis(name)
+            if in_axis is not None:
+                if time_len is None:
+                    time_len = x.shape[in_axis]
+                    if time_len < spec.min_time:
+                        raise ValueError(f"{self.path.name}: input {name!r} has {time_len} time steps; the graph "
+                                         f"needs at least {spec.min_time}")
+                x = _pad_time(x, in_axis, spec.time_multiple)
+            feeds[name] = x.numpy().astype(self._dtypes[name], copy=False)
         results = self.session.run(list(spec.outputs), feeds)
         lengths = batch.get("lengths")
         out: dict[str, Tensor] = {}
@@ -534,7 +592,7 @@ def max_abs_diff(
     try:
         with torch.no_grad():
             for batch in batches:
-                ref, got = torch_model(batch), other(batch)
+                ref, got = graph_forward(torch_model)(batch), other(batch)
                 keys = list(spec.outputs) if isinstance(spec, ExportSpec) else [k for k in ref if k in got]
                 if not keys:
                     raise ValueError(f"no output key in common: torch {sorted(ref)}, other {sorted(got)}")
@@ -560,7 +618,7 @@ def relative_error(torch_model: nn.Module, other: Callable[[dict[str, Tensor]], 
     try:
         with torch.no_grad():
             for batch in batches:
-                ref, got = torch_model(batch), other(batch)
+                ref, got = graph_forward(torch_model)(batch), other(batch)
                 keys = list(spec.outputs) if isinstance(spec, ExportSpec) else [k for k in ref if k in got]
                 for k in keys:
                     r, g = ref[k].detach().cpu().double(), torch.as_tensor(got[k]).cpu().double()
@@ -573,6 +631,8 @@ def relative_error(torch_model: nn.Module, other: Callable[[dict[str, Tensor]], 
 
 def _audio_seconds(fn: Any, batch: Mapping[str, Tensor], sample_rate: float) -> float:
     spec = getattr(fn, "export_spec", None)
+    if spec is None:  # a bound method (a model's export_forward): its model's spec
+        spec = getattr(getattr(fn, "__self__", None), "export_spec", None)
     if isinstance(spec, ExportSpec):
         key, axis = spec.inputs[0], spec.time_axis(spec.inputs[0]) or 1
     elif "mix" in batch:

@@ -73,11 +73,17 @@ class Separator(Protocol):
 
 
 def load_onnx(path: str | Path) -> OnnxModel:
-    """An exported separation model (`raytrain.export.export_onnx`), with as many threads as torch would use."""
+    """An exported separation or vc_flow model (`raytrain.export.export_onnx`), with as many threads as torch
+    would use."""
     model = OnnxModel(path, intra_op_num_threads=torch.get_num_threads())
     spec = model.export_spec
+    from raytrain.vc_infer import is_vc_export
+
+    if is_vc_export(model):
+        return model
     if "mix" not in spec.inputs or "est_sources" not in spec.outputs:
-        raise ValueError(f"{path}: raytrain infer runs separation models (mix -> est_sources); this file takes "
+        raise ValueError(f"{path}: raytrain infer runs exported separation (mix -> est_sources) and vc_flow models; "
+                         "this file takes "
                          f"{list(spec.inputs)} and returns {list(spec.outputs)}")
     return model
 

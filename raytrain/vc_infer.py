@@ -1,6 +1,7 @@
 """`raytrain infer` with a voice-conversion model (`vc_flow`): every source file spoken in the voice of `--ref`.
 
     raytrain infer runs/vc_flow_tiny/<id> --ref target.wav a.wav b.flac -o out/ [--steps N]
+    raytrain infer runs/vc_flow_tiny/<id>/export/model.int8.onnx --ref target.wav a.wav -o out/
 
 The reference's speaker embedding (resemblyzer's, as the `embed` cache phase computes it) conditions the flow;
 each source is converted in one call (content encoder, the flow's Euler steps, Griffin-Lim) and written as
@@ -8,6 +9,9 @@ each source is converted in one call (content encoder, the flow's Euler steps, G
 reference, the source's own SECS to it, and the real-time factor (conversion seconds / audio seconds). A
 source that is missing, not audio, silent or too short is one line on stderr, naming the file; the others are
 still converted. A bad reference stops before any conversion: nothing could be converted to it.
+
+An exported `.onnx` (the `export` phase's sampler) runs on onnxruntime with Griffin-Lim after it, sized from the
+file's metadata; its step count is fixed at export, so `--steps` is refused for it.
 """
 
 from __future__ import annotations
@@ -94,12 +98,47 @@ def convert_file(model: Any, source: Path, ref_emb: np.ndarray, out_dir: Path, r
     return Converted(source, path, secs, similarity(src_emb, ref_emb), rtf)
 
 
+class OnnxConverter:
+    """An exported vc_flow sampler (`model.onnx` / `model.int8.onnx`) with the interface `convert_file` uses:
+    `convert` on onnxruntime, `griffin_lim` from the vocoder sizes in the file's metadata."""
+
+    def __init__(self, onnx: Any) -> None:
+        import json
+
+        from raytrain.models.vc import MelGriffinLim
+
+        meta = onnx.metadata
+        try:
+            voc = json.loads(meta["raytrain.vc.vocoder"])
+            self.sample_steps = int(meta["raytrain.vc.sample_steps"])
+        except KeyError as exc:
+            raise ValueError(f"{onnx.path}: not a vc_flow export (its metadata lacks {exc.args[0]})") from None
+        self.onnx = onnx
+        self.sample_rate, self.hop, self.n_mels = int(voc["sample_rate"]), int(voc["hop_length"]), int(voc["n_mels"])
+        self.vocoder = MelGriffinLim(**voc)
+
+    def convert(self, audio: torch.Tensor, ref_emb: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        lengths = torch.full((audio.shape[0],), audio.shape[1], dtype=torch.long)
+        return self.onnx({"audio": audio, "lengths": lengths, "ref_emb": ref_emb, "noise": noise})["mel"]
+
+    def griffin_lim(self, logmel: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vocoder(logmel, lengths)
+
+
+def is_vc_export(onnx: Any) -> bool:
+    return "raytrain.vc.vocoder" in getattr(onnx, "metadata", {})
+
+
 def run(model: Any, ref: str | Path, sources: list[str], out_dir: str | Path, steps: int | None = None) -> int:
     """Converts every source; prints a line per file; returns 0, or 1 when some source failed (2: the
     reference)."""
     if steps is not None:
         if steps < 1:
             print(f"error: --steps must be >= 1, got {steps}", file=sys.stderr)
+            return 2
+        if isinstance(model, OnnxConverter):
+            print(f"error: {model.onnx.path} samples in {model.sample_steps} step(s), fixed at export; drop --steps "
+                  "(or convert with the run's weights)", file=sys.stderr)
             return 2
         model.sample_steps = steps
     sr = int(model.sample_rate)

@@ -29,7 +29,9 @@ is taken from it and ``content_clean`` is returned for the ``ir_consistency`` lo
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -207,22 +209,16 @@ class VCFlow(nn.Module):
         return noise
 
     def griffin_lim(self, logmel: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """Waveform from natural-log mel power (batch, frames, n_mels): the mel filterbank's pseudo-inverse
-        (clamped at 0) to a linear magnitude, then torchaudio's Griffin-Lim."""
-        import torchaudio
-
+        """Waveform from natural-log mel power (batch, frames, n_mels) (:class:`MelGriffinLim`)."""
         key = f"{logmel.device}:{self.griffin_lim_iters}"
         if key not in self._vocoders:
-            self._vocoders[key] = torchaudio.transforms.GriffinLim(
-                n_fft=self.n_fft, win_length=self.win_length, hop_length=self.hop, power=1.0,
-                n_iter=self.griffin_lim_iters).to(logmel.device)
-        fb = self.logmel.mel.mel_scale.fb.to(logmel)  # (freqs, n_mels)
-        power = torch.clamp(torch.exp(logmel) - 1e-6, min=0.0) @ torch.linalg.pinv(fb)  # (batch, frames, freqs)
-        magnitude = power.clamp_min(0.0).sqrt().transpose(1, 2)
-        wave = self._vocoders[key](magnitude)
-        if lengths is not None:
-            wave = wave * (torch.arange(wave.shape[-1], device=wave.device)[None] < lengths[:, None] * self.hop)
-        return wave
+            self._vocoders[key] = MelGriffinLim(**self.vocoder_args()).to(logmel.device)
+        return self._vocoders[key](logmel, lengths)
+
+    def vocoder_args(self) -> dict[str, int]:
+        """The sizes :class:`MelGriffinLim` needs to turn this model's mels into audio."""
+        return {"sample_rate": self.sample_rate, "n_fft": self.n_fft, "win_length": self.win_length,
+                "hop_length": self.hop, "n_mels": self.n_mels, "iters": self.griffin_lim_iters}
 
     # ---- batch interface ------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -256,26 +252,86 @@ class VCFlow(nn.Module):
             x = self.sample(cond, self.temperature * self._noise(batch, like))
             out["sample"] = x
             out["mel"] = self.denormalize(x)
-            if not self.training and self.vocoder == "griffin_lim":
-                with torch.no_grad():
-                    lengths = batch.get("lengths")
-                    audio = self.griffin_lim(out["mel"].detach(), out["mel_lengths"])
-                    out["audio_out"] = audio[:, : batch["audio"].shape[1]]
-                    out["audio_out_lengths"] = (lengths if lengths is not None else
-                                                torch.full_like(out["mel_lengths"], batch["audio"].shape[1]))
+            if not self.training:
+                self._vocode(out, batch)
         return out
+
+    def _vocode(self, out: dict[str, Tensor], batch: Mapping[str, Tensor]) -> None:
+        """``audio_out`` (and its lengths) from ``out["mel"]`` with the configured vocoder, in place."""
+        if self.vocoder != "griffin_lim":
+            return
+        with torch.no_grad():
+            lengths = batch.get("lengths")
+            audio = self.griffin_lim(out["mel"].detach(), out["mel_lengths"])
+            out["audio_out"] = audio[:, : batch["audio"].shape[1]]
+            out["audio_out_lengths"] = (lengths if lengths is not None else
+                                        torch.full_like(out["mel_lengths"], batch["audio"].shape[1]))
 
     # ---- export and inference ---------------------------------------------------------------------------
     @property
     def export_spec(self) -> ExportSpec:
-        """The sampler: ``audio`` (batch, time), ``ref_emb`` (batch, 256) and ``noise`` (batch, frames,
-        n_mels) in, the converted log-mel ``mel`` (batch, frames, n_mels) out."""
-        return ExportSpec(inputs=("audio", "ref_emb", "noise"), outputs=("mel",))
+        """The sampler: ``audio`` (batch, time), ``lengths`` (batch,), ``ref_emb`` (batch, 256) and ``noise``
+        (batch, frames, n_mels; cut or zero-padded to the source's frames) in, the converted log-mel ``mel``
+        (batch, frames, n_mels) out. The vocoder stays outside the graph (:meth:`export_finish`)."""
+        return ExportSpec(inputs=("audio", "lengths", "ref_emb", "noise"), outputs=("mel",),
+                          untimed=("lengths", "ref_emb"), min_time=self.n_fft // 2 + 1)
+
+    def export_forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What the exported graph computes: forward's sampled ``mel`` in eval mode, no vocoder. The noise is
+        fitted to the frames by concatenating zeros and cutting (no branch on its length, so a graph holds for
+        every noise length)."""
+        cond = self.condition(batch)
+        frames = cond["mask"].shape[1]
+        noise = batch["noise"].float()
+        noise = torch.cat([noise, noise.new_zeros(noise.shape[0], frames, noise.shape[2])], dim=1)[:, :frames]
+        return {"mel": self.denormalize(self.sample(cond, self.temperature * noise))}
+
+    def export_finish(self, out: dict[str, Tensor], batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """An exported graph's ``mel`` completed as forward returns it in eval mode: frame lengths and mask,
+        and the vocoder's audio."""
+        audio = batch["audio"]
+        lengths = batch.get("lengths")
+        if lengths is None:
+            lengths = torch.full((audio.shape[0],), audio.shape[1], dtype=torch.long)
+        mel = out["mel"]
+        mel_lengths = self.logmel.frames(lengths).clamp_max(mel.shape[1])
+        done = {**out, "mel_lengths": mel_lengths, "frame_mask": frame_mask(mel_lengths, mel.shape[1])}
+        self._vocode(done, batch)
+        return done
+
+    def export_metadata(self) -> dict[str, Any]:
+        """For runtimes of the exported file: the vocoder's sizes and the sampler's step count."""
+        return {"vc.vocoder": json.dumps(self.vocoder_args(), sort_keys=True), "vc.sample_steps": self.sample_steps,
+                "vc.temperature": self.temperature}
 
     def convert(self, audio: Tensor, ref_emb: Tensor, noise: Tensor) -> Tensor:
-        """Plain-tensor sampler for export: converted log-mel (batch, frames, n_mels)."""
-        cond = self.condition({"audio": audio, "ref_emb": ref_emb})
-        return self.denormalize(self.sample(cond, self.temperature * noise[:, : cond["mask"].shape[1]]))
+        """Converted log-mel (batch, frames, n_mels) of whole sources (no padding)."""
+        lengths = torch.full((audio.shape[0],), audio.shape[1], dtype=torch.long)
+        return self.export_forward({"audio": audio, "lengths": lengths, "ref_emb": ref_emb, "noise": noise})["mel"]
+
+
+class MelGriffinLim(nn.Module):
+    """Waveform from natural-log mel power (batch, frames, n_mels): the mel filterbank's pseudo-inverse
+    (clamped at 0) to a linear magnitude, then torchaudio's Griffin-Lim with ``iters`` iterations."""
+
+    def __init__(self, sample_rate: int, n_fft: int, win_length: int, hop_length: int, n_mels: int,
+                 iters: int = 32) -> None:
+        super().__init__()
+        import torchaudio
+
+        self.hop = hop_length
+        fb = torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, 0.0, sample_rate / 2, n_mels, sample_rate)
+        self.inverse: Tensor
+        self.register_buffer("inverse", torch.linalg.pinv(fb), persistent=False)  # (n_mels, freqs)
+        self.gl = torchaudio.transforms.GriffinLim(n_fft=n_fft, win_length=win_length, hop_length=hop_length,
+                                                   power=1.0, n_iter=iters)
+
+    def forward(self, logmel: Tensor, lengths: Tensor | None = None) -> Tensor:
+        power = torch.clamp(torch.exp(logmel) - 1e-6, min=0.0) @ self.inverse.to(logmel)  # (batch, frames, freqs)
+        wave = self.gl(power.clamp_min(0.0).sqrt().transpose(1, 2))
+        if lengths is not None:
+            wave = wave * (torch.arange(wave.shape[-1], device=wave.device)[None] < lengths[:, None] * self.hop)
+        return wave
 
 
 def describe(model: VCFlow) -> dict[str, Any]:

@@ -396,7 +396,7 @@ class PhaseRunner:
                             parts = self._apply(m.loss_fns, out, batch, {**extra, "modules": views})
                         loss = sum(w * parts[n].float() for n, (_, w) in m.loss_fns.items())
                         m.scaler.scale(loss / len(micro)).backward()  # type: ignore[union-attr]
-                    total += float(loss) / len(micro)
+                    total += float(loss.detach()) / len(micro)
                     for n, v in parts.items():
                         losses_sum[n] += float(v.detach()) / len(micro)
                 finite = math.isfinite(total)

@@ -49,7 +49,10 @@ RECIPES: dict[str, dict[str, Any]] = {
                                                    "phases.distill_b.model.args",
                                                    "phases.distill_b.modules.fake_score.model.args")
                       for k, v in VC_TINY_MODEL.items()]
-        + ["defaults.batch_size=2", "defaults.eval_batch_size=2", "defaults.shuffle_buffer=16",
+        # the teacher (and the fake score, its copy) 3 blocks, the student its first 2, as the recipe cuts 6 to 4
+        + [f"{key}.layers=3" for key in ("model.args", "phases.distill_b.modules.fake_score.model.args")]
+        + ['phases.distill_a.init_from.exclude=["blocks.2.*"]',
+           "defaults.batch_size=2", "defaults.eval_batch_size=2", "defaults.shuffle_buffer=16",
            "phases.phase0.gates=[{metric: eval/secs, min: -1.0}]",
            # DNSMOS (~1 s a clip) only where the gate reads it: phase1b; the relative gates on SECS
            *[f"phases.{p}.metrics=[secs_gender, mcd]" for p in ("phase2", "distill_a", "distill_b")],
