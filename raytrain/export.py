@@ -471,12 +471,15 @@ class _DropPreprocessHint(logging.Filter):
         return "pre-processing before quantization" not in record.getMessage()
 
 
-def quantize_int8(src: str | Path, dst: str | Path, *, metadata: Mapping[str, str] | None = None) -> Path:
+def quantize_int8(src: str | Path, dst: str | Path, *, metadata: Mapping[str, str] | None = None,
+                  op_types: Sequence[str] | None = None) -> Path:
     """Dynamically quantise the ONNX file ``src`` to int8 weights at ``dst`` (atomically); returns ``dst``.
 
     ``onnxruntime.quantization.quantize_dynamic`` with ``QUInt8`` weights: on an AVX2 CPU without VNNI,
     ``QInt8`` weights lost far more accuracy (13% relative error against 1.5%). ``src``'s metadata is
-    kept, with ``raytrain.precision = int8`` and ``metadata`` added.
+    kept, with ``raytrain.precision = int8`` and ``metadata`` added. ``op_types``: the ONNX op types to
+    quantise (default: every type onnxruntime can); a front end whose constant matrix feeds a log (a mel
+    filterbank's MatMul) loses far too much as int8, so a model with one lists its network's ops (Conv, Gemm).
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -490,7 +493,8 @@ def quantize_int8(src: str | Path, dst: str | Path, *, metadata: Mapping[str, st
         quiet = _DropPreprocessHint()
         logging.getLogger().addFilter(quiet)
         try:
-            quantize_dynamic(str(src), str(quantized), weight_type=QuantType.QUInt8)
+            quantize_dynamic(str(src), str(quantized), weight_type=QuantType.QUInt8,
+                             op_types_to_quantize=None if op_types is None else list(op_types))
             proto = onnx.load_model(str(quantized))
         finally:
             logging.getLogger().removeFilter(quiet)

@@ -381,6 +381,9 @@ class ExportPhaseConfig(ScoredPhase):
     kind: Literal["export"] = "export"  # type: ignore[assignment]
     formats: list[ExportFormat] = Field(default_factory=lambda: list[ExportFormat](["onnx"]))
     int8: bool = Field(False, description="also write a dynamically quantised int8 ONNX model (onnxruntime)")
+    int8_ops: list[str] | None = Field(
+        None, description="ONNX op types int8 quantises (default: all onnxruntime can); e.g. [Conv, Gemm] keeps a "
+                          "mel filterbank's MatMul in fp32")
     tolerance: dict[str, float] = Field(
         default_factory=lambda: dict(EXPORT_TOLERANCE),
         description="max abs difference against torch on the eval batches; over it, the phase fails")

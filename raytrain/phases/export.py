@@ -60,7 +60,9 @@ def score(model: Callable[[dict[str, torch.Tensor]], Any], metrics: list[str],
                     else:
                         sums[key] = sums.get(key, 0.0) + float(vals.float().sum())
             count += int(next(iter(batch.values())).shape[0])
-    return {f"eval/{k}": v / (max(dens[k], 1e-12) if k in dens else max(count, 1)) for k, v in sums.items()}
+    # a (numerator, denominator) pair with no denominator (no row it counts, e.g. no cross-gender row) is left out
+    return {f"eval/{k}": v / (dens[k] if k in dens else max(count, 1)) for k, v in sums.items()
+            if k not in dens or dens[k] > 0}
 
 
 class ExportKind(PhaseKind):
@@ -127,7 +129,7 @@ class ExportKind(PhaseKind):
         runners["onnx"] = OnnxModel(onnx, intra_op_num_threads=phase.threads)
         checks = [("fp32", "onnx")]
         if phase.int8:
-            int8 = quantize_int8(onnx, ctx.phase_dir / "model.int8.onnx")
+            int8 = quantize_int8(onnx, ctx.phase_dir / "model.int8.onnx", op_types=phase.int8_ops)
             files["onnx_int8"] = str(int8)
             runners["int8"] = OnnxModel(int8, intra_op_num_threads=phase.threads)
             checks.append(("int8", "int8"))

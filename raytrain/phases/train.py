@@ -523,8 +523,10 @@ class PhaseRunner:
         totals = self.reduce.sum([sums[k] for k in keys] + [dens[k] for k in den_keys] + [float(count)])
         n_all = max(totals[-1], 1.0)
         den = dict(zip(den_keys, totals[len(keys):-1], strict=True))
-        return {f"eval/{k}": v / (max(den[k], 1e-12) if k in den else n_all)
-                for k, v in zip(keys, totals[:len(keys)], strict=True)}
+        # a (numerator, denominator) pair with no denominator (no row it counts: no cross-gender row, a source
+        # that is its own parallel reference) is left out rather than reported as 0 or a huge ratio
+        return {f"eval/{k}": v / (den[k] if k in den else n_all)
+                for k, v in zip(keys, totals[:len(keys)], strict=True) if k not in den or den[k] > 0}
 
     def check_replicas(self) -> None:
         """Fail if DDP replicas hold different weights (every rank raises together: the verdict is

@@ -107,3 +107,18 @@ def test_infer_converts_with_the_onnx_file(exported: tuple[VCFlow, Path, Path], 
     assert main(["infer", str(int8), "--ref", str(tmp_path / "ref.wav"), str(tmp_path / "src.wav"), "-o", str(out),
                  "--steps", "4"]) == 2
     assert "fixed at export" in capsys.readouterr().err
+
+
+def test_int8_op_types_keep_the_filterbank_in_fp32(exported: tuple[VCFlow, Path, Path], tmp_path: Path) -> None:
+    import onnx
+
+    model, fp32, every = exported
+    network = quantize_int8(fp32, tmp_path / "net.int8.onnx", op_types=["Conv", "Gemm"])
+    ops = {n.op_type for n in onnx.load(str(network)).graph.node}
+    assert "ConvInteger" in ops and "MatMulInteger" not in ops  # the mel filterbank's MatMul stays fp32
+    assert "MatMulInteger" in {n.op_type for n in onnx.load(str(every)).graph.node}
+    batch = _batch(2, 8000, 6)
+    with torch.no_grad():
+        ref = model.export_forward(batch)["mel"]
+    errors = [float((OnnxModel(f)(batch)["mel"] - ref).norm() / ref.norm()) for f in (network, every)]
+    assert errors[0] < errors[1], errors
