@@ -39,21 +39,29 @@ def source_utterances(run_dir: Path, limit: int) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     from datasets_prep.manifest import read_manifest, shard_paths
+    from raytrain.data.datasets import audio_spec
+    from raytrain.data.stream import Collate
 
     summary = json.loads((run_dir / "summary.json").read_text())
     datasets = summary["phases"]["embed"]["datasets"]
     per_corpus: list[list[dict[str, Any]]] = []
     for name in ("vctk", "second", "libri"):
         folder = datasets[name]
+        manifest = read_manifest(folder)
+        collate = Collate([], epoch=0, audio=audio_spec(manifest))  # decodes the stored audio as training does
         seen: set[str] = set()
         rows = []
-        for path in shard_paths(folder, read_manifest(folder)):
-            for row in pq.read_table(path, columns=["id", "speaker", "audio"]).to_pylist():
-                key = row["id"].split("|")[0]
-                if key not in seen:
-                    seen.add(key)
-                    rows.append({"id": key, "speaker": f"{name}/{row['speaker']}",
-                                 "audio": np.asarray(row["audio"], dtype=np.float32)})
+        for path in shard_paths(folder, manifest):
+            table = pq.read_table(path, columns=["id", "speaker", "audio"])
+            for i in range(table.num_rows):
+                key = str(table.column("id")[i].as_py()).split("|")[0]
+                if key in seen:
+                    continue
+                seen.add(key)
+                batch = collate({"audio": table.column("audio").slice(i, 1).to_numpy(zero_copy_only=False)})
+                n = int(batch["lengths"][0])
+                rows.append({"id": key, "speaker": f"{name}/{table.column('speaker')[i].as_py()}",
+                             "audio": batch["audio"][0, :n].numpy()})
         per_corpus.append(rows)
     out: list[dict[str, Any]] = []
     for i in range(max(len(r) for r in per_corpus)):
