@@ -6,7 +6,8 @@ against torch on the first `parity_batches` batches: a max abs difference over i
 phase. It then scores the phase's `metrics` on the whole eval set with torch, ONNX fp32 and ONNX int8, and
 times each on the parity batches at `threads` CPU threads (real-time factor: seconds of compute per second
 of audio). A model whose forward does more than its graph (vc_flow: Griffin-Lim after the sampler) is timed
-on the graph (`export_forward`) at every precision and scored with the rest added (`export_finish`). Files and figures go to MLflow; `raytrain infer` runs the `.onnx` like torch weights.
+on the graph (`export_forward`) at every precision and scored with the rest added (`export_finish`). Files and
+figures go to MLflow; `raytrain infer` runs the `.onnx` like torch weights.
 """
 
 from __future__ import annotations
