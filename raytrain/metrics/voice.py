@@ -107,9 +107,52 @@ def speaker_embedding(wave: np.ndarray, sr: int) -> np.ndarray:
 
     Raises ``NoSpeechError`` (a ValueError) when the clip holds no speech (see the module docstring).
     """
-    pre = _preprocess(wave, sr)
+    return _embed([_preprocess(wave, sr)])[0]
+
+
+def speaker_embeddings(waves: list[np.ndarray], sr: int) -> list[np.ndarray | None]:
+    """``speaker_embedding`` of each clip, None for a clip without speech: the same values, with the partial
+    windows of all clips through the encoder in one call (2-3x faster than one call per clip on a CPU)."""
+    pre: list[np.ndarray | None] = []
+    for wave in waves:
+        try:
+            pre.append(_preprocess(wave, sr))
+        except NoSpeechError:
+            pre.append(None)
+    kept = [p for p in pre if p is not None]
+    embedded = iter(_embed(kept) if kept else [])
+    return [None if p is None else next(embedded) for p in pre]
+
+
+PARTIAL_RATE, MIN_COVERAGE = 1.3, 0.75  # embed_utterance's defaults (partial windows a second, last one's coverage)
+
+
+def _embed(clips: list[np.ndarray]) -> list[np.ndarray]:
+    """resemblyzer's ``embed_utterance`` of preprocessed clips, step for step (partial windows of its
+    default rate and coverage, the clip zero-padded to the last window, the partials' embeddings averaged
+    and L2-normalised), with every clip's windows in one forward."""
+    from resemblyzer import VoiceEncoder
+    from resemblyzer.audio import wav_to_mel_spectrogram
+
+    encoder = voice_encoder()
+    windows: list[np.ndarray] = []
+    owner: list[int] = []
+    for i, wav in enumerate(clips):
+        wav_slices, mel_slices = VoiceEncoder.compute_partial_slices(len(wav), PARTIAL_RATE, MIN_COVERAGE)
+        stop = wav_slices[-1].stop
+        if stop >= len(wav):
+            wav = np.pad(wav, (0, stop - len(wav)), "constant")
+        mel = wav_to_mel_spectrogram(wav)
+        windows.extend(mel[s] for s in mel_slices)
+        owner.extend([i] * len(mel_slices))
     with torch.no_grad():
-        return np.asarray(voice_encoder().embed_utterance(pre), dtype=np.float32)
+        partial = encoder(torch.from_numpy(np.stack(windows)).to(encoder.device)).cpu().numpy()
+    index = np.asarray(owner)
+    out = []
+    for i in range(len(clips)):
+        raw = partial[index == i].mean(axis=0)
+        out.append((raw / np.linalg.norm(raw, 2)).astype(np.float32))
+    return out
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> float:
@@ -119,21 +162,24 @@ def similarity(a: np.ndarray, b: np.ndarray) -> float:
 
 
 _CACHE_SIZE = 4096  # 1 KiB per embedding
-_EMBEDDINGS: OrderedDict[bytes, np.ndarray] = OrderedDict()
+_EMBEDDINGS: OrderedDict[bytes, np.ndarray | None] = OrderedDict()
 
 
-def _cached_embedding(wave: np.ndarray, sr: int) -> np.ndarray:
-    """``speaker_embedding`` of an input that is the same at every evaluation (source, reference)."""
-    key = hashlib.blake2b(np.ascontiguousarray(wave, dtype=np.float32).tobytes(), digest_size=16,
-                          person=str(sr).encode()).digest()
-    if key in _EMBEDDINGS:
-        _EMBEDDINGS.move_to_end(key)
-        return _EMBEDDINGS[key]
-    emb = speaker_embedding(wave, sr)
-    _EMBEDDINGS[key] = emb
-    if len(_EMBEDDINGS) > _CACHE_SIZE:
+def _cached_embeddings(waves: list[np.ndarray], sr: int) -> list[np.ndarray | None]:
+    """``speaker_embeddings`` of inputs that are the same at every evaluation (sources, references),
+    cached by content; only the clips not seen before are embedded."""
+    keys = [hashlib.blake2b(np.ascontiguousarray(w, dtype=np.float32).tobytes(), digest_size=16,
+                            person=str(sr).encode()).digest() for w in waves]
+    missing = [i for i, k in enumerate(keys) if k not in _EMBEDDINGS]
+    for i, emb in zip(missing, speaker_embeddings([waves[i] for i in missing], sr), strict=True):
+        _EMBEDDINGS[keys[i]] = emb
+    out = []
+    for k in keys:
+        _EMBEDDINGS.move_to_end(k)
+        out.append(_EMBEDDINGS[k])
+    while len(_EMBEDDINGS) > _CACHE_SIZE:
         _EMBEDDINGS.popitem(last=False)
-    return emb
+    return out
 
 
 def rows(x: Tensor, lengths: Tensor | None) -> list[np.ndarray]:
@@ -149,20 +195,15 @@ def rows(x: Tensor, lengths: Tensor | None) -> list[np.ndarray]:
 
 
 def _input_embeddings(batch: dict[str, Tensor], key: str, lengths_key: str) -> list[np.ndarray]:
-    out = []
-    for i, wave in enumerate(rows(batch[key], batch.get(lengths_key))):
-        try:
-            out.append(_cached_embedding(wave, SAMPLE_RATE))
-        except NoSpeechError as exc:
-            raise ValueError(f"secs: batch[{key!r}] row {i}: {exc}") from None
-    return out
-
-
-def _output_embedding(wave: np.ndarray) -> np.ndarray | None:
-    try:
-        return speaker_embedding(wave, SAMPLE_RATE)
-    except NoSpeechError:
-        return None
+    waves = rows(batch[key], batch.get(lengths_key))
+    embeddings = _cached_embeddings(waves, SAMPLE_RATE)
+    for i, emb in enumerate(embeddings):
+        if emb is None:
+            try:
+                _preprocess(waves[i], SAMPLE_RATE)  # for the reason
+            except NoSpeechError as exc:
+                raise ValueError(f"secs: batch[{key!r}] row {i}: {exc}") from None
+    return embeddings  # type: ignore[return-value]
 
 
 def _pair(values: Tensor, cross: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
@@ -185,7 +226,7 @@ def secs(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Any]
                          f"{batch['reference'].shape[0]}")
     refs = _input_embeddings(batch, "reference", "reference_lengths")
     sources = _input_embeddings(batch, "audio", "lengths")
-    outs = [_output_embedding(w) for w in rows(outputs["audio_out"], outputs.get("audio_out_lengths"))]
+    outs = speaker_embeddings(rows(outputs["audio_out"], outputs.get("audio_out_lengths")), SAMPLE_RATE)
     value = torch.tensor([0.0 if o is None else similarity(o, r) for o, r in zip(outs, refs, strict=True)],
                          dtype=torch.float64)
     source = torch.tensor([similarity(s, r) for s, r in zip(sources, refs, strict=True)], dtype=torch.float64)

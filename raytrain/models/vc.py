@@ -356,14 +356,17 @@ class SpeakerEncoder(nn.Module):
         self.column, self.sample_rate = column, int(sample_rate)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        from raytrain.metrics.voice import speaker_embedding
+        from raytrain.metrics.voice import NoSpeechError, speaker_embeddings
 
         audio = batch[self.column]
         lengths = batch.get(f"{self.column}_lengths")
         if lengths is None and self.column in ("audio", "mix"):
             lengths = batch.get("lengths")
+        waves = [audio[i, : int(lengths[i]) if lengths is not None else audio.shape[1]].float().cpu().numpy()
+                 for i in range(audio.shape[0])]
         rows = []
-        for i in range(audio.shape[0]):
-            n = int(lengths[i]) if lengths is not None else audio.shape[1]
-            rows.append(torch.from_numpy(speaker_embedding(audio[i, :n].float().cpu().numpy(), self.sample_rate)))
+        for i, emb in enumerate(speaker_embeddings(waves, self.sample_rate)):
+            if emb is None:
+                raise NoSpeechError(f"speaker_encoder: {self.column!r} row {i} holds no speech")
+            rows.append(torch.from_numpy(emb))
         return {"ref_emb": torch.stack(rows).to(audio.device)}

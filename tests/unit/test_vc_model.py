@@ -135,6 +135,9 @@ def test_room_reverb_is_seeded_aligned_and_keeps_the_peak() -> None:
     rir = room_impulse_response(np.random.default_rng(1), SR, (0.3, 0.3), ((4, 4), (4, 4), (3, 3)))
     again = room_impulse_response(np.random.default_rng(1), SR, (0.3, 0.3), ((4, 4), (4, 4), (3, 3)))
     assert np.array_equal(rir, again)
+    low = room_impulse_response(np.random.default_rng(1), SR, (0.3, 0.3), ((4, 4), (4, 4), (3, 3)), max_order=8)
+    late = int(0.1 * SR) + int(np.argmax(np.abs(rir)))  # 100 ms after the direct path
+    assert (low[late:] ** 2).sum() < 0.5 * (rir[late:] ** 2).sum()  # a lower order cuts the late tail
     wet = reverberate(audio, rir)
     assert int(np.argmax(np.abs(wet))) == 1000  # the direct path stays where the source was
     assert np.isclose(np.abs(wet).max(), 0.5, atol=1e-6) and np.abs(wet[1100:]).sum() > 0  # a tail
@@ -147,6 +150,8 @@ def test_room_reverb_is_seeded_aligned_and_keeps_the_peak() -> None:
     assert not np.array_equal(t(batch, epoch=1)["audio_reverb"][0], one["audio_reverb"][0])
     with pytest.raises(ValueError, match="rt60"):
         RoomReverb(rt60=(0.5, 0.1), sample_rate=SR)
+    with pytest.raises(ValueError, match="max_order"):
+        RoomReverb(max_order=0, sample_rate=SR)
 
 
 def test_flow_noise_matches_the_models_frames_and_is_reproducible() -> None:

@@ -15,7 +15,13 @@ from datasets_prep.steps.audio import resample_wave
 from raytrain.losses import LOSSES, speaker_cosine
 from raytrain.losses.voice import embedding_from_logmel
 from raytrain.metrics import METRICS, dnsmos, mcd, secs, secs_gender, similarity, speaker_embedding
-from raytrain.metrics.voice import NoSpeechError, dnsmos_scores, mel_cepstral_distortion, voice_encoder
+from raytrain.metrics.voice import (
+    NoSpeechError,
+    dnsmos_scores,
+    mel_cepstral_distortion,
+    speaker_embeddings,
+    voice_encoder,
+)
 
 SR = 16000
 ONE = "the quick brown fox jumps over the lazy dog"
@@ -96,6 +102,21 @@ def test_secs_of_the_parallel_beats_the_source_and_padding_is_ignored(speech) ->
     assert torch.allclose(out["secs_gain"], out["secs"] - out["secs_source"])
 
 
+def test_batched_embeddings_are_resemblyzers_own(speech) -> None:
+    """One encoder call for many clips gives embed_utterance's value for each: clips of one and of several
+    partial windows, and a silent clip (None) among them."""
+    from resemblyzer import preprocess_wav
+
+    clips = [speech["m1_one"], speech["f3_two"][: SR // 2], np.zeros(SR, dtype=np.float32), speech["m1_one_slow"]]
+    batched = speaker_embeddings(clips, SR)
+    assert batched[2] is None
+    for clip, emb in zip(clips, batched, strict=True):
+        if emb is not None:
+            own = voice_encoder().embed_utterance(preprocess_wav(clip, source_sr=SR))
+            assert emb.shape == (256,) and np.abs(emb - own).max() < 1e-5
+            assert np.abs(speaker_embedding(clip, SR) - own).max() < 1e-5
+
+
 def test_silence_and_short_clips(speech) -> None:
     with pytest.raises(NoSpeechError, match="silent clip"):
         speaker_embedding(np.zeros(SR, dtype=np.float32), SR)
@@ -165,6 +186,10 @@ def test_speaker_loss_matches_resemblyzer_and_trains_only_the_mel(speech) -> Non
         assert similarity(emb[i].numpy(), speaker_embedding(speech[key], SR)) > 0.95
         alone = embedding_from_logmel(mel[i: i + 1, : lengths[i]])
         assert torch.allclose(alone[0], emb[i], atol=1e-5)  # padding is ignored
+        middle = embedding_from_logmel(mel, lengths, windows="middle")  # what the loss hears: one window
+        assert similarity(middle[i].numpy(), speaker_embedding(speech[key], SR)) > 0.9
+        assert torch.allclose(embedding_from_logmel(mel[i: i + 1, : lengths[i]], windows="middle")[0], middle[i],
+                              atol=1e-5)
     right = torch.from_numpy(np.stack([speaker_embedding(speech["m1_two"], SR), speaker_embedding(speech["f3_two"], SR)]))
     wrong = right.flip(0)
     mel.requires_grad_(True)
