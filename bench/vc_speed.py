@@ -66,11 +66,11 @@ def convert(model: Any, row: dict[str, Any]) -> tuple[float, float]:
     """(acoustic seconds, total seconds) of one utterance."""
     import torch
 
+    from raytrain.vc_infer import source_noise
+
     with torch.no_grad():
         t0 = time.perf_counter()
-        frames = int(row["lengths"][0]) // model.hop + 1
-        noise = torch.randn(1, frames, model.n_mels, generator=torch.Generator().manual_seed(0))
-        mel = model.convert(row["audio"], row["ref_emb"], noise)
+        mel = model.convert(row["audio"], row["ref_emb"], source_noise(model, int(row["lengths"][0])))
         t1 = time.perf_counter()
         model.griffin_lim(mel)
         t2 = time.perf_counter()

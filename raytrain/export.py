@@ -583,16 +583,16 @@ class OnnxModel:
         return out
 
 
-def max_abs_diff(
-    torch_model: nn.Module, other: Callable[[dict[str, Tensor]], Mapping[str, Tensor]],
-    batches: Sequence[dict[str, Tensor]],
-) -> float:
-    """The largest absolute difference between ``torch_model``'s outputs (eval mode, no grad) and
-    ``other``'s over ``batches``, on the torch model's ``export_spec`` outputs (else the keys both return)."""
+def output_errors(torch_model: nn.Module, other: Callable[[dict[str, Tensor]], Mapping[str, Tensor]],
+                  batches: Sequence[dict[str, Tensor]]) -> tuple[float, float]:
+    """(max abs difference, relative error) of ``other``'s outputs against ``torch_model``'s (eval mode, no
+    grad) over ``batches``, on the torch model's ``export_spec`` outputs (else the keys both return). The
+    relative error ``||other - torch|| / ||torch||`` (L2 over every output value of every batch) is the
+    scale-free figure for int8, where the max abs difference depends on the signal level."""
     spec = getattr(torch_model, "export_spec", None)
     was_training = torch_model.training
     torch_model.eval()
-    worst = 0.0
+    worst = num = den = 0.0
     try:
         with torch.no_grad():
             for batch in batches:
@@ -601,36 +601,16 @@ def max_abs_diff(
                 if not keys:
                     raise ValueError(f"no output key in common: torch {sorted(ref)}, other {sorted(got)}")
                 for k in keys:
-                    r, g = ref[k].detach().cpu(), torch.as_tensor(got[k]).cpu()
+                    r, g = ref[k].detach().cpu().double(), torch.as_tensor(got[k]).cpu().double()
                     if r.shape != g.shape:
                         raise ValueError(f"output {k!r}: torch shape {tuple(r.shape)}, other {tuple(g.shape)}")
                     if r.numel():
                         worst = max(worst, float((r.float() - g.float()).abs().max()))
-    finally:
-        torch_model.train(was_training)
-    return worst
-
-
-def relative_error(torch_model: nn.Module, other: Callable[[dict[str, Tensor]], Mapping[str, Tensor]],
-                   batches: Sequence[dict[str, Tensor]]) -> float:
-    """``||other - torch|| / ||torch||`` (L2 over every output value of every batch): the scale-free
-    figure for int8, where the max abs difference depends on the signal level."""
-    spec = getattr(torch_model, "export_spec", None)
-    was_training = torch_model.training
-    torch_model.eval()
-    num = den = 0.0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                ref, got = graph_forward(torch_model)(batch), other(batch)
-                keys = list(spec.outputs) if isinstance(spec, ExportSpec) else [k for k in ref if k in got]
-                for k in keys:
-                    r, g = ref[k].detach().cpu().double(), torch.as_tensor(got[k]).cpu().double()
                     num += float(((g - r) ** 2).sum())
                     den += float((r ** 2).sum())
     finally:
         torch_model.train(was_training)
-    return (num / den) ** 0.5 if den > 0 else float(num > 0) * float("inf")
+    return worst, ((num / den) ** 0.5 if den > 0 else float(num > 0) * float("inf"))
 
 
 def _audio_seconds(fn: Any, batch: Mapping[str, Tensor], sample_rate: float) -> float:

@@ -262,6 +262,9 @@ class PipelineRunner:
             status = "FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED"
             raise
         finally:
+            from raytrain.data.datasets import release_held
+
+            release_held()  # the datasets its phases held in memory
             self.save_summary()
             self.tracker.artifact(parent, self.run_dir / "summary.json")
             self.tracker.end(parent, status)

@@ -73,6 +73,12 @@ def embedding(wave: np.ndarray, sample_rate: int, path: Path, what: str) -> np.n
         raise InputError(f"{path}: {what}: {exc}") from None
 
 
+def source_noise(model: Any, samples: int, seed: int = 0) -> torch.Tensor:
+    """The sampler's starting noise (1, frames, n_mels) for one source of ``samples`` samples, seeded."""
+    frames = samples // model.hop + 1
+    return torch.randn(1, frames, model.n_mels, generator=torch.Generator().manual_seed(seed))
+
+
 @torch.no_grad()
 def convert_file(model: Any, source: Path, ref_emb: np.ndarray, out_dir: Path, ref_stem: str,
                  seed: int = 0) -> Converted:
@@ -81,9 +87,7 @@ def convert_file(model: Any, source: Path, ref_emb: np.ndarray, out_dir: Path, r
     src_emb = embedding(wave, sr, source, "source")
     t0 = time.perf_counter()
     audio = torch.from_numpy(wave)[None]
-    frames = audio.shape[1] // model.hop + 1
-    noise = torch.randn(1, frames, model.n_mels, generator=torch.Generator().manual_seed(seed))
-    mel = model.convert(audio, torch.from_numpy(ref_emb)[None], noise)
+    mel = model.convert(audio, torch.from_numpy(ref_emb)[None], source_noise(model, audio.shape[1], seed))
     out = model.griffin_lim(mel)[0, : audio.shape[1]].numpy()
     rtf = (time.perf_counter() - t0) / (len(wave) / sr)
     out = out / (np.abs(out).max() + 1e-8) * 0.9
@@ -105,12 +109,13 @@ class OnnxConverter:
     def __init__(self, onnx: Any) -> None:
         import json
 
-        from raytrain.models.vc import MelGriffinLim
+        from raytrain.export import META_PREFIX
+        from raytrain.models.vc import META_STEPS, META_VOCODER, MelGriffinLim
 
         meta = onnx.metadata
         try:
-            voc = json.loads(meta["raytrain.vc.vocoder"])
-            self.sample_steps = int(meta["raytrain.vc.sample_steps"])
+            voc = json.loads(meta[META_PREFIX + META_VOCODER])
+            self.sample_steps = int(meta[META_PREFIX + META_STEPS])
         except KeyError as exc:
             raise ValueError(f"{onnx.path}: not a vc_flow export (its metadata lacks {exc.args[0]})") from None
         self.onnx = onnx
@@ -118,15 +123,19 @@ class OnnxConverter:
         self.vocoder = MelGriffinLim(**voc)
 
     def convert(self, audio: torch.Tensor, ref_emb: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        lengths = torch.full((audio.shape[0],), audio.shape[1], dtype=torch.long)
-        return self.onnx({"audio": audio, "lengths": lengths, "ref_emb": ref_emb, "noise": noise})["mel"]
+        from raytrain.models.vc import sampler_batch
+
+        return self.onnx(sampler_batch(audio, ref_emb, noise))["mel"]
 
     def griffin_lim(self, logmel: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         return self.vocoder(logmel, lengths)
 
 
 def is_vc_export(onnx: Any) -> bool:
-    return "raytrain.vc.vocoder" in getattr(onnx, "metadata", {})
+    from raytrain.export import META_PREFIX
+    from raytrain.models.vc import META_VOCODER
+
+    return META_PREFIX + META_VOCODER in getattr(onnx, "metadata", {})
 
 
 def run(model: Any, ref: str | Path, sources: list[str], out_dir: str | Path, steps: int | None = None) -> int:

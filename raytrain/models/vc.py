@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from raytrain.export import ExportSpec
 
 SPEAKER_DIM = 256  # resemblyzer's embedding
+META_VOCODER, META_STEPS = "vc.vocoder", "vc.sample_steps"  # export metadata keys (stored after "raytrain.")
 
 
 def frame_mask(lengths: Tensor, frames: int) -> Tensor:
@@ -301,13 +302,18 @@ class VCFlow(nn.Module):
 
     def export_metadata(self) -> dict[str, Any]:
         """For runtimes of the exported file: the vocoder's sizes and the sampler's step count."""
-        return {"vc.vocoder": json.dumps(self.vocoder_args(), sort_keys=True), "vc.sample_steps": self.sample_steps,
+        return {META_VOCODER: json.dumps(self.vocoder_args(), sort_keys=True), META_STEPS: self.sample_steps,
                 "vc.temperature": self.temperature}
 
     def convert(self, audio: Tensor, ref_emb: Tensor, noise: Tensor) -> Tensor:
         """Converted log-mel (batch, frames, n_mels) of whole sources (no padding)."""
-        lengths = torch.full((audio.shape[0],), audio.shape[1], dtype=torch.long)
-        return self.export_forward({"audio": audio, "lengths": lengths, "ref_emb": ref_emb, "noise": noise})["mel"]
+        return self.export_forward(sampler_batch(audio, ref_emb, noise))["mel"]
+
+
+def sampler_batch(audio: Tensor, ref_emb: Tensor, noise: Tensor) -> dict[str, Tensor]:
+    """The sampler's inputs (``VCFlow.export_spec``) for whole sources (batch, time): every row its full length."""
+    lengths = torch.full((audio.shape[0],), audio.shape[1], dtype=torch.long)
+    return {"audio": audio, "lengths": lengths, "ref_emb": ref_emb, "noise": noise}
 
 
 class MelGriffinLim(nn.Module):

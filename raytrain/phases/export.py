@@ -43,27 +43,19 @@ def eval_batches_local(ctx: PhaseContext, phase: ExportPhaseConfig) -> list[dict
 def score(model: Callable[[dict[str, torch.Tensor]], Any], metrics: list[str],
           batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """`eval/<metric>` over the batches, summed as an evaluate phase sums them (rates as num/den)."""
-    from raytrain.metrics import METRICS
+    from raytrain.metrics import METRICS, MetricTotals
 
     fns = [METRICS.get(m) for m in metrics]
-    sums: dict[str, float] = {}
-    dens: dict[str, float] = {}
+    totals = MetricTotals()
     count = 0
     with torch.no_grad():
         for batch in batches:
             out = {k: torch.as_tensor(v).float() if torch.is_floating_point(torch.as_tensor(v)) else torch.as_tensor(v)
                    for k, v in model(batch).items()}
             for fn in fns:
-                for key, vals in fn(out, batch).items():
-                    if isinstance(vals, tuple):
-                        sums[key] = sums.get(key, 0.0) + float(vals[0].double().sum())
-                        dens[key] = dens.get(key, 0.0) + float(vals[1].double().sum())
-                    else:
-                        sums[key] = sums.get(key, 0.0) + float(vals.float().sum())
+                totals.add(fn(out, batch))
             count += int(next(iter(batch.values())).shape[0])
-    # a (numerator, denominator) pair with no denominator (no row it counts, e.g. no cross-gender row) is left out
-    return {f"eval/{k}": v / (dens[k] if k in dens else max(count, 1)) for k, v in sums.items()
-            if k not in dens or dens[k] > 0}
+    return totals.means(count)
 
 
 class ExportKind(PhaseKind):
@@ -102,10 +94,9 @@ class ExportKind(PhaseKind):
             export_torchscript,
             finish_exported,
             graph_forward,
-            max_abs_diff,
+            output_errors,
             quantize_int8,
             real_time_factor,
-            relative_error,
         )
         from raytrain.infer import from_weights
 
@@ -149,10 +140,10 @@ class ExportKind(PhaseKind):
         entry.files = files
         failed = []
         for precision, name in checks:
-            diff = max_abs_diff(model, runners[name], parity)
+            diff, rel = output_errors(model, runners[name], parity)
             figures[f"export/{name}_max_abs_diff"] = diff
             if name != "onnx":
-                figures[f"export/{name}_rel_error"] = relative_error(model, runners[name], parity)
+                figures[f"export/{name}_rel_error"] = rel
             if diff > phase.tolerance.get(precision, float("inf")):
                 failed.append(f"{name}: max abs diff {diff:.3g} > tolerance {phase.tolerance[precision]:g}")
         threads = torch.get_num_threads()

@@ -31,7 +31,7 @@ from raytrain.checkpoints import STATE_FILE, apply_freeze, load_data, load_into,
 from raytrain.config.schema import InitFromConfig, PipelineConfig, TrainPhaseConfig
 from raytrain.data.stream import BatchStream, build_transforms, eval_batches
 from raytrain.losses import LOSSES
-from raytrain.metrics import METRICS
+from raytrain.metrics import METRICS, MetricTotals
 from raytrain.models import build_model
 from raytrain.optim import build_optimizer, build_scheduler
 from raytrain.phases.base import DatasetUse, Needs, PhaseContext, PhaseKind, Produces, register_kind
@@ -491,8 +491,9 @@ class PhaseRunner:
         for m in self.modules.values():
             m.module.eval()
         bs = self.phase.eval_batch_size or self.phase.batch_size
-        sums: dict[str, float] = {"loss": 0.0} if self.loss_fns else {}
-        dens: dict[str, float] = {}
+        totals = MetricTotals()
+        if self.loss_fns:
+            totals.sums["loss"] = 0.0
         count = 0
         if self._eval_cache is None:
             batches = eval_batches(self.eval_shard, bs, self.eval_transforms, self.eval_audio)
@@ -510,23 +511,13 @@ class PhaseRunner:
             if self.loss_fns:
                 parts = self._call_losses(out, batch)
                 loss = sum(w * parts[name] for name, (_, w) in self.loss_fns.items())
-                sums["loss"] += float(loss) * n
+                totals.sums["loss"] += float(loss) * n
             for fn in self.metric_fns:
-                for key, vals in fn(out, batch).items():
-                    if isinstance(vals, tuple):  # (numerator, denominator): a corpus-level rate
-                        sums[key] = sums.get(key, 0.0) + float(vals[0].double().sum())
-                        dens[key] = dens.get(key, 0.0) + float(vals[1].double().sum())
-                    else:
-                        sums[key] = sums.get(key, 0.0) + float(vals.float().sum())
+                totals.add(fn(out, batch))
             count += n
-        keys, den_keys = sorted(sums), sorted(dens)
-        totals = self.reduce.sum([sums[k] for k in keys] + [dens[k] for k in den_keys] + [float(count)])
-        n_all = max(totals[-1], 1.0)
-        den = dict(zip(den_keys, totals[len(keys):-1], strict=True))
-        # a (numerator, denominator) pair with no denominator (no row it counts: no cross-gender row, a source
-        # that is its own parallel reference) is left out rather than reported as 0 or a huge ratio
-        return {f"eval/{k}": v / (den[k] if k in den else n_all)
-                for k, v in zip(keys, totals[:len(keys)], strict=True) if k not in den or den[k] > 0}
+        keys, den_keys, values = totals.flat()
+        reduced = self.reduce.sum([*values, float(count)])
+        return MetricTotals.from_flat(keys, den_keys, reduced[:-1]).means(reduced[-1])
 
     def check_replicas(self) -> None:
         """Fail if DDP replicas hold different weights (every rank raises together: the verdict is

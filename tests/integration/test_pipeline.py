@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,11 @@ def finished_run(corpus: Path, ray_local: Any, tmp_path_factory: pytest.TempPath
     raw = pipeline_dict(corpus, runs, freeze=["net.encoder.*", "net.decoder.*"],
                         gates=[{"metric": "eval/si_sdri", "min": -100.0}])
     runner = PipelineRunner(load_config(raw=raw), progress=False)
-    summary = runner.run()
-    return {"summary": summary, "run_dir": runner.run_dir, "runs": runs}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        summary = runner.run()
+    sys.stdout.write(printed.getvalue())
+    return {"summary": summary, "run_dir": runner.run_dir, "runs": runs, "printed": printed.getvalue()}
 
 
 def test_summary_lists_every_phase_with_metrics_and_checkpoints(finished_run: dict[str, Any]) -> None:
@@ -45,6 +51,10 @@ def test_summary_lists_every_phase_with_metrics_and_checkpoints(finished_run: di
         assert entry["mlflow_run_id"]
     gate = summary["phases"]["b"]["gates"][0]
     assert gate["passed"] and gate["metric"] == "eval/si_sdri"
+    # The small corpus is read into memory by a, and b (same folder, columns and file order) takes it as held.
+    printed = finished_run["printed"]
+    assert printed.count("data train: read once") == 1 and printed.count("data dev: read once") == 1
+    assert "data train: held in memory since an earlier phase" in printed
 
 
 def test_frozen_parameters_are_bitwise_unchanged_and_the_rest_trained(finished_run: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raytrain.metrics import METRICS, si_sdr, si_sdri
+from raytrain.metrics import METRICS, MetricTotals, si_sdr, si_sdri
 
 
 def _batch(n_src: int = 2, batch: int = 3, time: int = 1600) -> dict[str, torch.Tensor]:
@@ -76,3 +76,16 @@ def test_values_sum_across_batches_to_the_full_batch_mean(name: str) -> None:
         for s in (slice(0, 1), slice(1, 4))
     ]
     assert torch.allclose(torch.cat(halves).sum() / 4, full.mean(), atol=1e-4)
+
+
+def test_totals_average_rows_divide_rates_and_leave_out_empty_rates() -> None:
+    totals = MetricTotals()
+    totals.add({"secs": torch.tensor([0.5, 0.7]), "cer": (torch.tensor([1.0, 3.0]), torch.tensor([10.0, 10.0])),
+                "secs_cross": (torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0]))})
+    totals.add({"secs": torch.tensor([0.9]), "cer": (torch.tensor([0.0]), torch.tensor([20.0])),
+                "secs_cross": (torch.tensor([0.0]), torch.tensor([0.0]))})
+    means = totals.means(3)
+    assert means == pytest.approx({"eval/secs": 0.7, "eval/cer": 0.1})  # a corpus rate: 4 / 40, not a row mean
+    keys, den_keys, values = totals.flat()  # what ranks all-reduce: two ranks with the same totals
+    doubled = MetricTotals.from_flat(keys, den_keys, [2 * v for v in values])
+    assert doubled.means(6) == pytest.approx(means)
