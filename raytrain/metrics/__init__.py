@@ -32,7 +32,6 @@ METRICS.register("dnsmos")(dnsmos)
 METRICS.register("mcd")(mcd)
 
 
-
 class MetricTotals:
     """What an evaluation sums over its batches: per metric key the sum of its per-example values, and for
     a ``(numerator, denominator)`` pair the two sums apart; ``means`` divides (by the example count, or
@@ -57,9 +56,10 @@ class MetricTotals:
         keys, den_keys = sorted(self.sums), sorted(self.dens)
         return keys, den_keys, [self.sums[k] for k in keys] + [self.dens[k] for k in den_keys]
 
-    def means(self, count: float, prefix: str = "eval/") -> dict[str, float]:
+    def means(self, count: float) -> dict[str, float]:
+        """``eval/<key>``: each sum over ``count`` examples, or over its denominator."""
         n = max(float(count), 1.0)
-        return {f"{prefix}{k}": v / (self.dens[k] if k in self.dens else n) for k, v in self.sums.items()
+        return {f"eval/{k}": v / (self.dens[k] if k in self.dens else n) for k, v in self.sums.items()
                 if k not in self.dens or self.dens[k] > 0}
 
     @classmethod

@@ -112,7 +112,8 @@ def speaker_embedding(wave: np.ndarray, sr: int) -> np.ndarray:
 
 def speaker_embeddings(waves: list[np.ndarray], sr: int) -> list[np.ndarray | None]:
     """``speaker_embedding`` of each clip, None for a clip without speech: the same values, with the partial
-    windows of all clips through the encoder in one call (2-3x faster than one call per clip on a CPU)."""
+    windows of all clips through the encoder in one call (per clip on a CPU: 72 ms against 87 ms at one
+    thread, 52 ms against 136 ms at two)."""
     pre: list[np.ndarray | None] = []
     for wave in waves:
         try:
