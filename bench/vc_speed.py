@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def dev_rows(run_dir: Path, n: int) -> list[dict[str, Any]]:
-    """Up to `n` dev rows (audio, lengths, ref_emb as tensors of one row) from the run's embed output."""
+    """Up to `n` dev rows (audio, lengths, ref_emb and, if the embed phase wrote it, ref_stats, as tensors of
+    one row) from the run's embed output."""
     import json
 
     import pyarrow.parquet as pq
@@ -40,7 +41,8 @@ def dev_rows(run_dir: Path, n: int) -> list[dict[str, Any]]:
     collate = Collate([], epoch=0, audio=audio_spec(manifest))
     rows: list[dict[str, Any]] = []
     for path in shard_paths(folder, manifest):
-        table = pq.read_table(path, columns=["id", "audio", "ref_emb"])
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=["id", "audio", "ref_emb", *(["ref_stats"] if "ref_stats" in names else [])])
         for i in range(table.num_rows):
             batch = {c: table.column(c).slice(i, 1).to_numpy(zero_copy_only=False) for c in table.column_names}
             rows.append(collate(batch))
@@ -70,7 +72,8 @@ def convert(model: Any, row: dict[str, Any]) -> tuple[float, float]:
 
     with torch.no_grad():
         t0 = time.perf_counter()
-        mel = model.convert(row["audio"], row["ref_emb"], source_noise(model, int(row["lengths"][0])))
+        ref = {k: row[k] for k in ("ref_emb", "ref_stats") if k in row}
+        mel = model.convert(row["audio"], ref, source_noise(model, int(row["lengths"][0])))
         t1 = time.perf_counter()
         model.griffin_lim(mel)
         t2 = time.perf_counter()

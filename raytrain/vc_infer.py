@@ -80,14 +80,14 @@ def source_noise(model: Any, samples: int, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def convert_file(model: Any, source: Path, ref_emb: np.ndarray, out_dir: Path, ref_stem: str,
+def convert_file(model: Any, source: Path, ref: dict[str, torch.Tensor], out_dir: Path, ref_stem: str,
                  seed: int = 0) -> Converted:
     sr = int(model.sample_rate)
     wave = read_speech(source, sr, "source")
     src_emb = embedding(wave, sr, source, "source")
     t0 = time.perf_counter()
     audio = torch.from_numpy(wave)[None]
-    mel = model.convert(audio, torch.from_numpy(ref_emb)[None], source_noise(model, audio.shape[1], seed))
+    mel = model.convert(audio, ref, source_noise(model, audio.shape[1], seed))
     out = model.griffin_lim(mel)[0, : audio.shape[1]].numpy()
     rtf = (time.perf_counter() - t0) / (len(wave) / sr)
     out = out / (np.abs(out).max() + 1e-8) * 0.9
@@ -95,6 +95,7 @@ def convert_file(model: Any, source: Path, ref_emb: np.ndarray, out_dir: Path, r
     sf.write(str(path), out, sr, subtype="PCM_16")
     from raytrain.metrics.voice import similarity
 
+    ref_emb = ref["ref_emb"][0].numpy()
     try:
         secs = similarity(embedding(out, sr, path, "output"), ref_emb)
     except InputError:
@@ -110,7 +111,7 @@ class OnnxConverter:
         import json
 
         from raytrain.export import META_PREFIX
-        from raytrain.models.vc import META_STEPS, META_VOCODER, MelGriffinLim
+        from raytrain.models.vc import META_STEPS, META_VOCODER, REF_STATS, MelGriffinLim
 
         meta = onnx.metadata
         try:
@@ -121,11 +122,12 @@ class OnnxConverter:
         self.onnx = onnx
         self.sample_rate, self.hop, self.n_mels = int(voc["sample_rate"]), int(voc["hop_length"]), int(voc["n_mels"])
         self.vocoder = MelGriffinLim(**voc)
+        self.reference_stats = REF_STATS in onnx.export_spec.inputs  # what reference_inputs gives it
 
-    def convert(self, audio: torch.Tensor, ref_emb: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def convert(self, audio: torch.Tensor, ref: dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
         from raytrain.models.vc import sampler_batch
 
-        return self.onnx(sampler_batch(audio, ref_emb, noise))["mel"]
+        return self.onnx(sampler_batch(audio, ref, noise))["mel"]
 
     def griffin_lim(self, logmel: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         return self.vocoder(logmel, lengths)
@@ -152,8 +154,11 @@ def run(model: Any, ref: str | Path, sources: list[str], out_dir: str | Path, st
         model.sample_steps = steps
     sr = int(model.sample_rate)
     ref = Path(ref)
+    from raytrain.models.vc import reference_inputs
+
     try:
-        ref_emb = embedding(read_speech(ref, sr, "reference"), sr, ref, "reference")
+        wave = read_speech(ref, sr, "reference")
+        ref_inputs = reference_inputs(model, wave, embedding(wave, sr, ref, "reference"))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -163,7 +168,7 @@ def run(model: Any, ref: str | Path, sources: list[str], out_dir: str | Path, st
     failed = 0
     for src in sources:
         try:
-            c = convert_file(model, Path(src), ref_emb, out, ref.stem)
+            c = convert_file(model, Path(src), ref_inputs, out, ref.stem)
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             failed += 1

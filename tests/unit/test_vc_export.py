@@ -1,5 +1,5 @@
 """A vc_flow sampler exported to ONNX with the real onnxruntime: inputs without a time axis (lengths, the
-speaker embedding), a noise input fitted to the source's frames inside the graph, the vocoder outside it,
+speaker embedding and the reference's statistics), a noise input fitted to the source's frames inside the graph, the vocoder outside it,
 int8, and `raytrain infer` on the file."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from torch import Tensor
 
 from raytrain.cli import main
 from raytrain.export import ExportSpec, OnnxModel, export_onnx, finish_exported, output_errors, quantize_int8
-from raytrain.models.vc import VCFlow
+from raytrain.models.vc import VCFlow, reference_stats
 
 SR = 16000
 ARGS = dict(hidden=24, layers=2, kernel=5, dilations=[1, 2], content_hidden=24, content_layers=1, content_dim=8,
-            sample_steps=2, griffin_lim_iters=4)
+            sample_steps=2, griffin_lim_iters=4, reference_stats=True)
 
 
 def _batch(rows: int, time: int, seed: int) -> dict[str, Tensor]:
@@ -28,6 +28,7 @@ def _batch(rows: int, time: int, seed: int) -> dict[str, Tensor]:
     audio = 0.1 * torch.randn(rows, time, generator=g) * (torch.arange(time)[None] < lengths[:, None])
     return {"audio": audio, "lengths": lengths,
             "ref_emb": torch.nn.functional.normalize(torch.randn(rows, 256, generator=g), dim=-1),
+            "ref_stats": reference_stats(0.1 * torch.randn(rows, 8000, generator=g)),
             "noise": torch.randn(rows, time // 160 + 1, 80, generator=g)}
 
 
@@ -45,7 +46,8 @@ def test_untimed_inputs_and_min_time_are_in_the_spec_and_the_file(exported: tupl
     model, fp32, _ = exported
     spec = OnnxModel(fp32).export_spec
     assert spec == model.export_spec
-    assert spec.untimed == ("lengths", "ref_emb") and spec.time_axis("ref_emb") is None and spec.min_time == 513
+    assert spec.untimed == ("lengths", "ref_emb", "ref_stats") and spec.time_axis("ref_emb") is None
+    assert spec.time_axis("ref_stats") is None and spec.min_time == 513
     meta = OnnxModel(fp32).metadata
     assert json.loads(meta["raytrain.vc.vocoder"])["hop_length"] == 160 and meta["raytrain.vc.sample_steps"] == "2"
     with pytest.raises(ValueError, match="first input"):
@@ -62,6 +64,8 @@ def test_onnx_matches_torch_at_other_rows_lengths_and_noise_lengths(exported: tu
     for batch in (_batch(1, 4000, 2), _batch(3, 12345, 1), short_noise):
         assert output_errors(model, onnx, [batch])[0] < 1e-4
         mel = onnx(batch)["mel"]
+        other = {**batch, "ref_stats": batch["ref_stats"].flip(-1)}  # the statistics are an input of the graph
+        assert (onnx(other)["mel"] - mel).abs().max() > 1e-3
         assert mel.shape == (batch["audio"].shape[0], batch["audio"].shape[1] // 160 + 1, 80)
     with pytest.raises(ValueError, match="at least 513"):
         onnx(_batch(1, 400, 3))

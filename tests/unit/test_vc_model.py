@@ -9,7 +9,7 @@ import torch
 from datasets_prep.vc import reverberate, room_impulse_response
 from raytrain.data.voice import FlowNoise, RoomReverb
 from raytrain.losses import vc as L
-from raytrain.models.vc import VCFlow
+from raytrain.models.vc import SpeakerEncoder, VCFlow, reference_stats
 
 SR = 16000
 SMALL = {"hidden": 32, "layers": 2, "content_hidden": 32, "content_layers": 1, "content_dim": 8,
@@ -169,3 +169,35 @@ def test_the_vocoder_stays_out_of_the_state_dict() -> None:
     with torch.no_grad():
         model(_batch())  # builds Griffin-Lim
     assert set(model.state_dict()) == keys and not any("griffin" in k or "vocoder" in k for k in keys)
+
+
+def test_reference_stats_ignore_padding_and_condition_the_flow() -> None:
+    g = torch.Generator().manual_seed(5)
+    t = torch.arange(24000) / SR
+    envelope = 0.6 + 0.4 * torch.sin(2 * np.pi * 3 * t)  # voiced-like harmonics: the speaker encoder hears speech
+    refs = 0.2 * torch.stack([sum(torch.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 8)) * envelope
+                              for f0 in (110.0, 160.0, 220.0)])
+    lengths = torch.tensor([24000, 17000, 9000])
+    refs = refs * (torch.arange(24000)[None] < lengths[:, None])
+    stats = reference_stats(refs, lengths)
+    assert stats.shape == (3, 160) and torch.isfinite(stats).all()
+    for i in range(3):  # a row alone, unpadded, gives its values in the padded batch
+        assert torch.equal(stats[i], reference_stats(refs[i: i + 1, : int(lengths[i])])[0])
+    loud = torch.zeros(1, 16000)
+    loud[0, 8000:] = 0.1 * torch.randn(8000, generator=g)
+    voiced = reference_stats(loud[:, 8000:])
+    assert torch.allclose(reference_stats(loud), voiced, atol=0.2)  # silent frames are left out of the statistics
+    encoded = SpeakerEncoder(stats=True)({"reference": refs, "reference_lengths": lengths})
+    assert torch.equal(encoded["ref_stats"], stats) and encoded["ref_emb"].shape == (3, 256)
+
+    torch.manual_seed(0)
+    model = VCFlow(**SMALL, sample_steps=2, vocoder="none", reference_stats=True).eval()
+    torch.nn.init.normal_(model.out.weight, std=0.05)  # the flow starts at v = 0: give it a velocity
+    batch = {**_batch(3), "ref_stats": stats}
+    with torch.no_grad():
+        mel = model(batch)["mel"]
+        assert (model({**batch, "ref_stats": stats.flip(0)})["mel"] - mel).abs().max() > 1e-3
+    with pytest.raises(KeyError, match="stats: true"):
+        model({k: v for k, v in batch.items() if k != "ref_stats"})
+    with pytest.raises(ValueError, match="default mel sizes"):
+        VCFlow(**SMALL, n_mels=64, reference_stats=True)
