@@ -21,8 +21,8 @@ embedding (``ref_emb``: resemblyzer's 256-d embedding of a reference utterance o
   of the reference's log-mel over its voiced frames (``ref_stats``, 160 values, computed by the cache phase:
   ``speaker_encoder`` with ``stats: true``) condition the flow. A speaker embedding names a voice; these
   describe its envelope directly, which is what a voice unseen in training needs: on the tiny recipe's dev
-  voices (none heard in training) they took phase 1a from SECS 0.739 and an MCD ratio of 0.863 to 0.775 and
-  0.799, at equal steps.
+  voices (none heard in training) they took phase 1b from SECS 0.777 and an MCD ratio of 0.802 to 0.789 and
+  0.783, at equal steps (bench runs of the same configuration without and with them).
 - **Audio**: in eval mode the sampled mel is turned into a waveform with Griffin-Lim
   (``vocoder: griffin_lim``, torchaudio) for the metrics; ``vocoder: none`` leaves audio out.
 
