@@ -131,18 +131,12 @@ def _flow_reads(args: dict[str, Any]) -> tuple[str, ...]:
     return ("audio", "ref_emb", "target_mel", *((REF_STATS,) if args.get("reference_stats") else ()))
 
 
-def voiced_stats(logmel: Tensor, frames: Tensor, floor_db: float = VOICED_DB) -> Tensor:
-    """(batch, 2 * n_mels): per-bin mean and standard deviation of log-mel frames (batch, frames, n_mels) over
-    each row's voiced frames (of its first ``frames``: those within ``floor_db`` of the row's loudest frame,
-    by total power)."""
-    mask = frame_mask(frames, logmel.shape[1])
-    energy = torch.logsumexp(logmel, dim=-1).masked_fill(~mask, -1e9)
-    keep = (mask & (energy >= energy.max(dim=1, keepdim=True).values - floor_db / 10.0 * math.log(10.0)))
-    w = keep[:, :, None].to(logmel.dtype)
-    count = w.sum(1).clamp_min(1.0)
-    mean = (logmel * w).sum(1) / count
-    std = ((((logmel - mean[:, None]) * w) ** 2).sum(1) / count).clamp_min(1e-5).sqrt()
-    return torch.cat([mean, std], dim=-1)
+def voiced_stats(logmel: Tensor, floor_db: float = VOICED_DB) -> Tensor:
+    """(2 * n_mels,): per-bin mean and standard deviation of one clip's log-mel frames (frames, n_mels) over
+    its voiced frames: those within ``floor_db`` of its loudest frame, by total power."""
+    energy = torch.logsumexp(logmel, dim=-1)
+    voiced = logmel[energy >= energy.max() - floor_db / 10.0 * math.log(10.0)]
+    return torch.cat([voiced.mean(0), voiced.var(0, unbiased=False).clamp_min(1e-5).sqrt()])
 
 
 class VCFlow(nn.Module):
@@ -380,8 +374,7 @@ def reference_stats(audio: Tensor, lengths: Tensor | None = None, sample_rate: i
     rows = []
     for i in range(audio.shape[0]):  # each row on its own samples: the padding of a batch changes nothing
         wave = audio[i, : int(lengths[i]) if lengths is not None else audio.shape[1]].float().cpu()
-        mel = logmel(wave[None])
-        rows.append(voiced_stats(mel, torch.tensor([mel.shape[1]]))[0])
+        rows.append(voiced_stats(logmel(wave[None])[0]))
     return torch.stack(rows)
 
 

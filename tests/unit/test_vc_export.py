@@ -1,6 +1,6 @@
 """A vc_flow sampler exported to ONNX with the real onnxruntime: inputs without a time axis (lengths, the
-speaker embedding and the reference's statistics), a noise input fitted to the source's frames inside the graph, the vocoder outside it,
-int8, and `raytrain infer` on the file."""
+speaker embedding and the reference's statistics), a noise input fitted to the source's frames inside the
+graph, the vocoder outside it, int8, and `raytrain infer` on the file."""
 
 from __future__ import annotations
 
