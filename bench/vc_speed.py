@@ -1,6 +1,7 @@
 """The vc_flow student against its teacher: seconds per utterance, same dev rows, same threads, one run.
 
     python bench/vc_speed.py RUN_DIR [--teacher phase2] [--student distill_b] [--student-run DIR] [--threads 1]
+    python bench/vc_speed.py RUN_DIR --sizes configs/pipelines/vc_flow.yaml
 
 RUN_DIR is a finished `raytrain run configs/pipelines/vc_flow_tiny.yaml` (its config.yaml gives both models'
 sizes and steps, its embed phase the dev rows with their reference embeddings). Each dev source is converted
@@ -9,6 +10,10 @@ teacher, 2 for the student), then Griffin-Lim to audio. Teacher and student alte
 of the machine's speed hits both. Printed: the median seconds per utterance of the acoustic model (log-mel
 out) and of the whole conversion (audio out), the student's speed-up on each, and the real-time factors.
 Target (issue 17): the whole conversion at least 5x faster.
+
+``--sizes CONFIG`` times the two phases' models at the sizes and steps CONFIG gives them (the full-size
+recipe), with fresh weights: the time of a convolution stack does not depend on its weights, and no run of
+the full-size recipe fits this machine. The dev rows still come from RUN_DIR.
 """
 
 from __future__ import annotations
@@ -51,16 +56,21 @@ def dev_rows(run_dir: Path, n: int) -> list[dict[str, Any]]:
     return rows
 
 
-def model_of(run_dir: Path, phase: str) -> tuple[Any, float]:
-    """The phase's model with its best weights, in eval mode; and its sample rate."""
+def model_of(run_dir: Path, phase: str, sizes: Path | None = None) -> tuple[Any, float]:
+    """The phase's model with its best weights, in eval mode; and its sample rate. With `sizes`, the phase's
+    model as that config sizes it, with fresh (seeded) weights."""
+    import torch
+
     from raytrain.checkpoints import load_weights
     from raytrain.config import load_config
     from raytrain.models import build_model
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(sizes or run_dir / "config.yaml")
     mcfg = cfg.phase_model(cfg.phase(phase))
+    torch.manual_seed(0)
     model = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
-    model.load_state_dict(load_weights(run_dir / phase / "best" / "model.pt"))
+    if sizes is None:
+        model.load_state_dict(load_weights(run_dir / phase / "best" / "model.pt"))
     return model.eval().requires_grad_(False), float(model.sample_rate)
 
 
@@ -89,14 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student-run", type=Path, help="the student's run folder, if not RUN_DIR")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--sizes", type=Path, help="time the models at this config's sizes, fresh weights")
     args = ap.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
     rows = dev_rows(args.run_dir, args.rows)
-    models = {"teacher": model_of(args.run_dir, args.teacher),
-              "student": model_of(args.student_run or args.run_dir, args.student)}
+    models = {"teacher": model_of(args.run_dir, args.teacher, args.sizes),
+              "student": model_of(args.student_run or args.run_dir, args.student, args.sizes)}
+    if args.sizes:
+        print(f"models at the sizes of {args.sizes}, fresh weights: "
+              + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.1f}M parameters"
+                          for k, (m, _) in models.items()))
     for model, _ in models.values():  # warm-up: first calls allocate and build the Griffin-Lim window
         convert(model, rows[0])
     times: dict[str, list[tuple[float, float]]] = {"teacher": [], "student": []}
