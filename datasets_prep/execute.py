@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from datasets_prep.columns import derive_columns
 from datasets_prep.faults import pause_point
 from datasets_prep.manifest import build_manifest, manifest_bytes, row_stats, shard_record
+from datasets_prep.readers.manifests import LINE_KEY
 from datasets_prep.shards import (
     AUDIO_FORMATS,
     MANIFEST_NAME,
@@ -74,7 +75,7 @@ def process_chunk(items: list[dict[str, Any]], *, audio_columns: list[str], chai
     """(output rows ready for Parquet, rejects) of one chunk; never raises for a bad item."""
     rows, rejects = [], []
     for item in items:
-        source = next((str(item[c]) for c in audio_columns if c in item), "")
+        source = item.get(LINE_KEY) or next((str(item[c]) for c in audio_columns if c in item), "")
         try:
             loaded = load_item(item, audio_columns, expect_sample_rate=expect_sample_rate)
             outs = chain(loaded)
@@ -84,7 +85,8 @@ def process_chunk(items: list[dict[str, Any]], *, audio_columns: list[str], chai
         for r in outs:
             sr = int(r["sample_rate"])
             n = len(r[audio_columns[0]])
-            row = {k: _arrow_value(v) for k, v in r.items() if k not in audio_columns and k not in ("mel", "f0")}
+            row = {k: _arrow_value(v) for k, v in r.items()
+                   if k not in audio_columns and k not in ("mel", "f0", LINE_KEY)}
             for c in audio_columns:
                 row[c] = encode_audio(r[c], audio_format, sr)
             if "mel" in r:
@@ -399,8 +401,9 @@ def _write_manifest(out: Path, records: list[dict[str, Any]], kind: str, audio_c
     _atomic_write_bytes(out / MANIFEST_NAME, manifest_bytes(manifest))
     print(f"prep {out}: {manifest['rows']} rows, {manifest['hours']:.3f} h, {len(manifest['shards'])} shards, "
           f"{len(rejects)} rejected")
-    for rj in rejects[:20]:
-        print(f"  rejected {rj['id']}: {rj['reason']}")
+    for rj in rejects[:20]:  # a manifest line is named; an audio path is in the reason already
+        where = f" ({rj['source']})" if rj["source"] and rj["source"] not in rj["reason"] else ""
+        print(f"  rejected {rj['id']}{where}: {rj['reason']}")
     if len(rejects) > 20:
         print(f"  ... {len(rejects) - 20} more in {out / REJECTS_NAME}")
     return manifest

@@ -298,10 +298,44 @@ def _prep_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def dummy_songs_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raytrain prep dummy-songs",
+                                description="write a small synthetic song dataset: audio, prompt wavs, sketch token "
+                                            "files and a JSONL manifest (idx, audio_path, lyrics, prompt_wav, "
+                                            "sketch_path)")
+    p.add_argument("--output-dir", required=True, help="folder to write (songs.jsonl and audio/ prompts/ sketch/)")
+    p.add_argument("--num-samples", type=int, required=True, help="songs to write")
+    p.add_argument("--duration-sec", type=float, default=10.0, help="seconds of each song's audio (default 10)")
+    p.add_argument("--prompt-sec", type=float, default=3.0, help="seconds of each prompt wav (default 3)")
+    p.add_argument("--sketch-fps", type=float, default=25.0, help="sketch tokens per second (default 25)")
+    p.add_argument("--sample-rate", type=int, default=16000, help="sample rate of the wavs (default 16000)")
+    p.add_argument("--sketch-format", default="pt", choices=["pt", "pt-dict", "npy", "npz", "mixed"],
+                   help="pt: a tensor; pt-dict: {'sketch': tensor}; npy; npz; mixed: the four in turn")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_prep_dummy_songs)
+    return p
+
+
+def _prep_dummy_songs(args: argparse.Namespace) -> int:
+    from datasets_prep.songs import write_dummy_songs
+
+    try:
+        manifest = write_dummy_songs(args.output_dir, num_samples=args.num_samples, duration_sec=args.duration_sec,
+                                     prompt_sec=args.prompt_sec, sketch_fps=args.sketch_fps,
+                                     sample_rate=args.sample_rate, sketch_format=args.sketch_format, seed=args.seed)
+    except ValueError as exc:
+        raise ConfigError(f"raytrain prep dummy-songs: {exc}") from None
+    print(f"{args.num_samples} songs: {manifest}  (prepare with: raytrain prep --input {manifest} --format jsonl "
+          f"--output-dir DIR)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["prep", "split"]:
         args = split_parser().parse_args(argv[2:])
+    elif argv[:2] == ["prep", "dummy-songs"]:
+        args = dummy_songs_parser().parse_args(argv[2:])
     else:
         args = build_parser().parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

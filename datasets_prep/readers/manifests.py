@@ -118,12 +118,14 @@ def _resolve(base: Path, value: Any, where: str) -> str:
 
 
 JSONL_PATH_FIELDS = ("prompt_wav", "sketch_path")  # optional path fields resolved like audio_path
+LINE_KEY = "_manifest_line"  # an item's "<manifest>:<line>", for its reject; not written as a column
 
 
 def list_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Items from a JSONL manifest: ``audio`` (from ``audio_path``), ``id`` (from ``idx``, else
     the line number), ``text`` (from ``lyrics``/``text``), ``speaker`` when given, and every
-    other field as a column. ``prompt_wav``/``sketch_path`` are resolved to absolute paths."""
+    other field as a column. ``prompt_wav``/``sketch_path`` are resolved to absolute paths. ``LINE_KEY``
+    holds the item's ``<manifest>:<line>``, which a reject of the item names."""
     path = Path(path)
     if not path.is_file():
         raise ReaderError(f"JSONL manifest {path} does not exist")
@@ -149,6 +151,7 @@ def _jsonl_rows(path: Path) -> Any:
         item["audio"] = _resolve(base, row["audio_path"], f"{where} audio_path")
         item["text"] = str(row.get("lyrics", row.get("text", "")) or "")
         item.setdefault("speaker", "")
+        item[LINE_KEY] = where
         for field in JSONL_PATH_FIELDS:
             if row.get(field):
                 item[field] = _resolve(base, row[field], f"{where} {field}")

@@ -21,8 +21,9 @@ from datasets_prep.shards import encode_tokens
 
 # item fields holding a token file path -> the column prefix its array is stored under
 TOKEN_PATH_FIELDS = {"sketch_path": "sketch"}
+INTEGER_TOKEN_FIELDS = ("sketch_path",)  # a sketch is codebook indices: a float array is not one
 TOKEN_EXTS = (".npy", ".npz", ".pt", ".pth")
-TOKEN_KEYS = ("tokens", "codes")  # the array to take from an .npz / a saved dict holding several
+TOKEN_KEYS = ("tokens", "codes", "sketch")  # the array to take from an .npz / a saved dict holding several
 
 
 class Reject(Exception):  # noqa: N818 - it is an outcome, not an error of the program
@@ -74,8 +75,8 @@ def _load_tokens(path: str, ext: str) -> np.ndarray:
 
 
 def read_tokens(path: str) -> np.ndarray:
-    """The array of a token file: ``.npy``, ``.npz`` (its one array, or ``tokens``/``codes``) or ``.pt``
-    (``torch.load(weights_only=True)``: a tensor, or a dict of one / with ``tokens``/``codes``).
+    """The array of a token file: ``.npy``, ``.npz`` (its one array, or ``tokens``/``codes``/``sketch``) or ``.pt``
+    (``torch.load(weights_only=True)``: a tensor, or a dict of one / with ``tokens``/``codes``/``sketch``).
 
     Rejects a missing, unreadable or ill-formed file, a non-numeric array and an empty or 0-d one.
     """
@@ -105,7 +106,8 @@ def load_item(item: dict[str, Any], audio_columns: tuple[str, ...] | list[str], 
     Rejects an unreadable, missing or empty file, one with NaN/Inf samples, columns of one
     item at different rates, and (when ``expect_sample_rate`` is given) a file at another rate.
     A token file (``TOKEN_PATH_FIELDS``, e.g. ``sketch_path``) adds ``<prefix>``, ``<prefix>_shape``
-    and ``<prefix>_dtype`` (``read_tokens``, ``encode_tokens``); the path field is kept as it is.
+    and ``<prefix>_dtype`` (``read_tokens``, ``encode_tokens``); the path field is kept as it is. A sketch
+    (``INTEGER_TOKEN_FIELDS``) of another dtype than integers is rejected.
     """
     out = dict(item)
     rate = None
@@ -126,6 +128,10 @@ def load_item(item: dict[str, Any], audio_columns: tuple[str, ...] | list[str], 
     out["sample_rate"] = rate
     for field, prefix in TOKEN_PATH_FIELDS.items():
         if item.get(field):
-            data, shape, dtype = encode_tokens(read_tokens(str(item[field])))
+            tokens = read_tokens(str(item[field]))
+            if field in INTEGER_TOKEN_FIELDS and tokens.dtype.kind not in "biu":
+                raise Reject(f"{field}: tokens must be integers (codebook indices), the file holds {tokens.dtype}: "
+                             f"{item[field]}")
+            data, shape, dtype = encode_tokens(tokens)
             out[prefix], out[f"{prefix}_shape"], out[f"{prefix}_dtype"] = data, shape, dtype
     return out

@@ -145,7 +145,7 @@ def test_jsonl_music_manifest_keeps_lyrics_prompt_and_extra_fields(tmp_path: Pat
     assert man["rows"] == 4 and man["items"] == 5 and man["rejects"]["count"] == 1
     (reject,) = pq.read_table(tmp_path / "out" / REJECTS_NAME).to_pylist()
     assert reject["id"] == "broken" and reject["reason"].startswith("unreadable audio")
-    assert reject["source"] == str((raw / "audio" / "broken.wav").resolve())
+    assert reject["source"] == f"{raw / 'train.jsonl'}:5"  # a manifest's reject names its line
     assert man["hours"] == pytest.approx((0.5 + 0.75 + 1.0 + 1.25) / 3600, abs=1e-6)
     assert man["speaker_hours"] == pytest.approx({"ann": 2.25 / 3600, "ben": 1.25 / 3600}, abs=1e-6)
     assert man["audio_columns"] == ["audio"]  # prompt_wav is kept as a path, not decoded
@@ -253,7 +253,7 @@ def test_sketch_token_files_round_trip_exactly_and_a_corrupt_one_is_a_reject(tmp
         "npy": rng.integers(0, 1024, size=(4, 25), dtype=np.int64),
         "npz": rng.integers(0, 500, size=(30,), dtype=np.int32),
         "pt": rng.integers(-300, 300, size=(2, 3, 5), dtype=np.int16),
-        "pt_dict": rng.standard_normal((6, 8)).astype(np.float32),
+        "pt_dict": rng.integers(0, 16384, size=(6, 8), dtype=np.int64),
     }
     (raw / "sk").mkdir(parents=True)
     np.save(raw / "sk" / "a.npy", sketches["npy"])
@@ -261,8 +261,9 @@ def test_sketch_token_files_round_trip_exactly_and_a_corrupt_one_is_a_reject(tmp
     torch.save(torch.from_numpy(sketches["pt"]), raw / "sk" / "c.pt")
     torch.save({"tokens": torch.from_numpy(sketches["pt_dict"]), "step": torch.tensor(3)}, raw / "sk" / "d.pt")
     (raw / "sk" / "bad.npy").write_bytes(b"\x93NUMPY garbage, not an array")
+    np.save(raw / "sk" / "float.npy", rng.standard_normal(25).astype(np.float32))  # features, not tokens
     files = {"npy": "sk/a.npy", "npz": "sk/b.npz", "pt": "sk/c.pt", "pt_dict": "sk/d.pt", "bad": "sk/bad.npy",
-             "gone": "sk/gone.npy"}
+             "gone": "sk/gone.npy", "float": "sk/float.npy"}
     rows = []
     for k, (name, rel) in enumerate(files.items()):
         _tone(raw / f"s{k}.wav", 0.25)
@@ -270,11 +271,13 @@ def test_sketch_token_files_round_trip_exactly_and_a_corrupt_one_is_a_reject(tmp
     _tone(raw / "plain.wav", 0.25)
     rows.append({"idx": "plain", "audio_path": "plain.wav", "lyrics": "no sketch"})  # a chunk without sketches
     man = _prep("jsonl", _jsonl(raw / "m.jsonl", rows), tmp_path / "out", rows_per_shard=3)
-    assert man["rows"] == 5 and man["rejects"]["count"] == 2
+    assert man["rows"] == 5 and man["rejects"]["count"] == 3
     assert {"sketch": "binary", "sketch_dtype": "string", "sketch_path": "string"}.items() <= man["columns"].items()
     reasons = {r["id"]: r["reason"] for r in pq.read_table(tmp_path / "out" / REJECTS_NAME).to_pylist()}
     assert reasons["bad"].startswith(f"unreadable token file: {(raw / 'sk' / 'bad.npy').resolve()}: ")
     assert reasons["gone"] == f"token file not found: {(raw / 'sk' / 'gone.npy').resolve()}"
+    assert reasons["float"] == ("sketch_path: tokens must be integers (codebook indices), the file holds float32: "
+                                f"{(raw / 'sk' / 'float.npy').resolve()}")
     out = {r["id"]: r for r in _shard_rows(tmp_path / "out", man)}
     for name, want in sketches.items():
         r = out[name]
