@@ -210,7 +210,13 @@ def check_patterns(names: list[str], patterns: list[str], key: str) -> None:
 
 
 def frozen_names(names: list[str], phase: TrainPhaseConfig, where: str) -> set[str]:
-    """Names of the parameters a phase freezes (validated patterns)."""
+    """Names of the parameters a phase freezes (validated patterns). A LoRA phase without `train_all`
+    freezes everything but the adapters."""
+    lora = getattr(phase, "lora", None)
+    if lora is not None and not lora.train_all:
+        from raytrain.lora import is_lora_key
+
+        return {n for n in names if not is_lora_key(n)}
     if phase.freeze is not None:
         check_patterns(names, phase.freeze, f"{where}.freeze")
         return {n for n in names if _matches(n, phase.freeze)}

@@ -163,6 +163,11 @@ def check_pipeline(pipe: PipelineConfig, *, require_data: bool = False) -> list[
         try:
             with torch.device("meta"):
                 model = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
+                lora = getattr(phase, "lora", None)
+                if lora is not None:
+                    from raytrain.lora import add_lora
+
+                    add_lora(model, lora, f"{where}.lora")
             plan.shapes = {n: p.shape for n, p in model.named_parameters()}
             plan.n_trainable = sum(s.numel() for s in plan.shapes.values())
         except (RegistryError, TypeError, ValueError) as exc:

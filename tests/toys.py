@@ -80,3 +80,23 @@ def critic_lsgan(outputs: dict[str, Tensor], batch: dict[str, Tensor], modules: 
 
 critic_adv.reads = ()  # type: ignore[attr-defined]
 critic_lsgan.reads = ("sources",)  # type: ignore[attr-defined]
+
+
+class FrameTransformer(nn.Module):
+    """A plain separator ``(batch, time) -> (batch, sources, time)`` for the ``separation`` adapter, built from
+    nn.Linear and nn.TransformerEncoderLayer (what LoRA adapts): frames of ``frame`` samples in, a transformer
+    layer over them, each source's frames out."""
+
+    def __init__(self, frame: int = 32, dim: int = 32, sources: int = 2) -> None:
+        super().__init__()
+        self.frame, self.sources = frame, sources
+        self.inp = nn.Linear(frame, dim)
+        self.enc = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(dim, sources * frame)
+
+    def forward(self, mix: Tensor) -> Tensor:
+        b, t = mix.shape
+        n = -(-t // self.frame)
+        x = torch.nn.functional.pad(mix, (0, n * self.frame - t)).view(b, n, self.frame)
+        y = self.out(self.enc(self.inp(x))).view(b, n, self.sources, self.frame)
+        return y.permute(0, 2, 1, 3).reshape(b, self.sources, n * self.frame)[..., :t]

@@ -212,6 +212,23 @@ class ModuleConfig(Strict):
         return (max_steps // self.every) * self.updates_per_step
 
 
+class LoraSpec(Strict):
+    """LoRA adapters (through peft) on the model's Linear layers that `target_modules` (globs on dotted module
+    names) match: the phase trains the adapters only, or everything with `train_all`; it writes the merged
+    weights (model.pt) and the adapter (adapter.pt)."""
+
+    rank: int = Field(8, ge=1, description="rank of each adapter")
+    alpha: int = Field(16, ge=1, description="scale numerator: the update is (alpha / rank) B A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] = Field(..., min_length=1, description="globs of Linear layers, e.g. blocks.*.attn.q")
+    train_all: bool = Field(False, description="train the base weights too (else frozen)")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
 class TrainPhaseConfig(ScoredPhase):
     """`train`: optimise the model on `train` datasets, evaluating on `eval`."""
 
@@ -221,6 +238,7 @@ class TrainPhaseConfig(ScoredPhase):
     train: list[TrainSource] = Field(default_factory=list)
     trainable: list[str] | Literal["all"] | None = None
     freeze: list[str] | None = None
+    lora: LoraSpec | None = None
     transforms: list[TransformConfig] = Field(default_factory=list)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig())
     schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig())
@@ -269,6 +287,8 @@ class TrainPhaseConfig(ScoredPhase):
     def _consistent(self) -> TrainPhaseConfig:
         if self.trainable is not None and self.freeze is not None:
             raise ValueError("set either 'trainable' or 'freeze', not both")
+        if self.lora is not None and not self.lora.train_all and (self.trainable, self.freeze) != (None, None):
+            raise ValueError("lora trains the adapters only: 'trainable'/'freeze' apply with lora.train_all: true")
         if not self.losses:
             raise ValueError(f"a {self.kind} phase needs 'losses' (name: weight), e.g. {{si_sdr_pit: 1.0}}")
         if not self.train:

@@ -144,6 +144,22 @@ def module_weights(weights: str | Path, name: str) -> Path:
     return Path(weights).parent / "modules" / f"{name}.pt"
 
 
+def _lora_weights(ctx: PhaseContext, state: dict[str, Any], target: Path) -> None:
+    """A LoRA phase's weights: merged into the base weights (`target`, the base model's names) and the
+    adapter alone (`adapter.pt` beside it, with the settings and the base weights' path)."""
+    from raytrain.lora import ADAPTER_FILE, adapter_file, merged_state
+    from raytrain.models import build_model
+
+    mcfg = ctx.pipe.phase_model(ctx.phase)
+    base = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
+    atomic_torch_save(merged_state(base, ctx.phase.lora, state), target)
+    init = ctx.init or {}
+    atomic_torch_save(adapter_file(state, ctx.phase.lora, init.get("path", "")), target.parent / ADAPTER_FILE)
+    if ctx.storage_dir:
+        upload_file(target.parent / ADAPTER_FILE, join(ctx.storage_dir, ctx.phase.name, target.parent.name,
+                                                      ADAPTER_FILE))
+
+
 def _weights_from(ctx: PhaseContext, result: Any) -> None:
     phase, entry = ctx.phase, ctx.entry
     last = result.checkpoint
@@ -159,7 +175,10 @@ def _weights_from(ctx: PhaseContext, result: Any) -> None:
         with ckpt.as_directory() as d:
             state = load_data(Path(d) / STATE_FILE)
         target = ctx.phase_dir / label / WEIGHTS_FILE
-        atomic_torch_save(state["model"], target)
+        if getattr(phase, "lora", None) is not None:  # model.pt merged; adapter.pt beside it
+            _lora_weights(ctx, state["model"], target)
+        else:
+            atomic_torch_save(state["model"], target)
         for name, module in state.get("modules", {}).items():  # beside it: modules/<name>.pt
             atomic_torch_save(module["model"], module_weights(target, name))
             if ctx.storage_dir:

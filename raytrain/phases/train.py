@@ -260,6 +260,10 @@ class PhaseRunner:
         init = self.cfg.get("init")
         if ckpt is None and init:
             load_into(model, load_weights(init["path"]), InitFromConfig(**init["rules"]), init["path"])
+        if getattr(phase, "lora", None) is not None:  # after init_from: the base weights keep their names
+            from raytrain.lora import add_lora
+
+            add_lora(model, phase.lora, f"phases.{phase.name}.lora")
         apply_freeze(model, phase, f"phases.{phase.name}")
         model.to(self.device)
         self.opt = build_optimizer(model, phase, f"phases.{phase.name}")

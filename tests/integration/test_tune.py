@@ -22,8 +22,9 @@ SWEEP = {
     "params": {"phases.b.optim.lr": {"loguniform": [3e-4, 3e-2]},
                "phases.b.transforms.0.args.crop_seconds": {"choice": [0.4, 0.6]}},
     "searcher": {"name": "random", "seed": 0},
-    "scheduler": {"name": "asha", "grace_period": 3, "reduction_factor": 2},
+    "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2},
 }
+B_STEPS = 8  # steps of the swept phase b: ASHA's rungs at 2, 4 and 8
 
 
 def _started_trials(sweep_dir: Path) -> list[Path]:
@@ -38,8 +39,8 @@ def test_sweep_runs_phase_a_once_resumes_without_rerunning_trials_and_continues_
 
     raw = pipeline_dict(corpus, tmp_path / "runs")
     raw["phases"] = [
-        {"name": "a", "max_steps": 6, "eval_every": 6, "checkpoint_every": 6},
-        {"name": "b", "init_from": "a", "max_steps": 12, "eval_every": 3, "checkpoint_every": 6},
+        {"name": "a", "max_steps": 4, "eval_every": 4, "checkpoint_every": 4},
+        {"name": "b", "init_from": "a", "max_steps": B_STEPS, "eval_every": 2, "checkpoint_every": 4},
         {"name": "c", "init_from": "b", "max_steps": 3, "eval_every": 3, "checkpoint_every": 3},
     ]
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
@@ -71,8 +72,8 @@ def test_sweep_runs_phase_a_once_resumes_without_rerunning_trials_and_continues_
     statuses = [r["status"] for r in state["trials"]]
     assert set(statuses) <= {"finished", "stopped early"} and "stopped early" in statuses, (
         statuses, [r["error"] for r in state["trials"]], log[-4000:])
-    assert all(r["steps"] == 12 for r in state["trials"] if r["status"] == "finished")
-    assert all(r["steps"] < 12 for r in state["trials"] if r["status"] == "stopped early")
+    assert all(r["steps"] == B_STEPS for r in state["trials"] if r["status"] == "finished")
+    assert all(r["steps"] < B_STEPS for r in state["trials"] if r["status"] == "stopped early")
 
     # The table is sorted by the metric and the best trial is its first row.
     metrics = [r["metric"] for r in state["trials"]]
