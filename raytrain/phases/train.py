@@ -654,6 +654,15 @@ def schedule_text(phase: TrainPhaseConfig) -> str:
     return text
 
 
+def lora_text(lora: Any, plan: PhasePlan) -> str:
+    """A LoRA phase's row in `raytrain plan`: the adapted Linear layers and what trains."""
+    layers = sorted({n.split(".lora_A.")[0] for n in plan.shapes if ".lora_A." in n})
+    shown = ", ".join(layers[:4]) + (f", ... ({len(layers)} in all)" if len(layers) > 4 else "")
+    return (f"    lora     rank {lora.rank}, alpha {lora.alpha}, dropout {lora.dropout:g} on {len(layers)} Linear "
+            f"layer{'s' if len(layers) != 1 else ''}: {shown}; base weights "
+            f"{'trained too (train_all)' if lora.train_all else 'frozen'}")
+
+
 def module_text(name: str, m: Any, max_steps: int, n_params: int) -> str:
     """A trained module's row in `raytrain plan`."""
     from raytrain.plan import fmt_count
@@ -743,6 +752,7 @@ class TrainKind(PhaseKind):
                 f"    batch    {f.batch_size} x accum {f.grad_accum} x {f.num_workers} workers = "
                 f"{f.effective_batch}; {f.max_steps:,} steps; eval every {f.eval_every}, "
                 f"checkpoint every {f.checkpoint_every}",
+                *([lora_text(ph.lora, plan)] if getattr(ph, "lora", None) is not None else []),
                 *[module_text(name, m, ph.max_steps, int(plan.extra.get(f"module:{name}", 0)))
                   for name, m in ph.modules.items()]]
 

@@ -156,7 +156,7 @@ def test_target_modules_that_cannot_take_an_adapter_are_refused_with_the_fix() -
 
 
 def test_plan_counts_a_lora_phase_adapters_as_its_only_trainable_parameters(tmp_path: Path) -> None:
-    from raytrain.plan import check_pipeline
+    from raytrain.plan import check_pipeline, fmt_count, format_plan
 
     (tmp_path / "d").mkdir()
     raw = {"name": "p", "data": {"t": {"shards": str(tmp_path / "d")}},
@@ -166,7 +166,12 @@ def test_plan_counts_a_lora_phase_adapters_as_its_only_trainable_parameters(tmp_
                       {"name": "ft", "init_from": "base", "max_steps": 2,
                        "lora": {"rank": 4, "alpha": 8, "target_modules": TARGETS}}]}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
-    plans = {p.phase.name: p for p in check_pipeline(load_config(tmp_path / "p.yaml"))}
+    cfg = load_config(tmp_path / "p.yaml")
+    plans = {p.phase.name: p for p in check_pipeline(cfg)}
     lora, other = count_params(add_lora(_model(), _phase().lora))
     assert (plans["ft"].n_trainable, plans["ft"].n_frozen) == (lora, other)
+    text = format_plan(cfg, list(plans.values()))
+    assert f"params   {fmt_count(lora)} trainable, {fmt_count(other)} frozen" in text
+    assert "lora     rank 4, alpha 8, dropout 0 on 3 Linear layers: enc.linear1, enc.linear2, head; base weights " \
+           "frozen" in text
     assert plans["base"].n_frozen == 0 and plans["base"].n_trainable == other
