@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from datasets_prep.shards import _atomic_write_bytes
+
 SKETCH_FORMATS = ("pt", "pt-dict", "npy", "npz")
 SKETCH_EXTS = {"pt": ".pt", "pt-dict": ".pt", "npy": ".npy", "npz": ".npz"}
 MANIFEST = "songs.jsonl"
@@ -38,12 +40,6 @@ SECTIONS = ("[intro]", "[verse]", "[chorus]", "[verse]", "[chorus]", "[outro]")
 WORDS = ("light", "river", "night", "home", "fire", "dream", "road", "sky", "heart", "rain", "gold", "wind",
          "stone", "sea", "song", "morning", "shadow", "dance", "open", "slow")
 OCTAVES = 2  # the melody's range; tokens 1 .. 7 * OCTAVES are (octave, degree), 0 a rest
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _wav_bytes(wave: np.ndarray, sample_rate: int) -> bytes:
@@ -144,12 +140,12 @@ def write_dummy_songs(output_dir: str | os.PathLike, *, num_samples: int, durati
         row: dict[str, Any] = {
             "idx": name, "audio_path": f"audio/{name}.wav", "lyrics": lyrics(rng),
             "prompt_wav": f"prompts/{name}.wav", "sketch_path": f"sketch/{name}{SKETCH_EXTS[fmt]}"}
-        _atomic_write(out / row["audio_path"], _wav_bytes(wave[:cut], sample_rate))
-        _atomic_write(out / row["prompt_wav"], _wav_bytes(wave[cut:], sample_rate))
-        _atomic_write(out / row["sketch_path"], _sketch_bytes(tokens[:int(round(duration_sec * sketch_fps))], fmt))
+        _atomic_write_bytes(out / row["audio_path"], _wav_bytes(wave[:cut], sample_rate))
+        _atomic_write_bytes(out / row["prompt_wav"], _wav_bytes(wave[cut:], sample_rate))
+        _atomic_write_bytes(out / row["sketch_path"], _sketch_bytes(tokens[:int(round(duration_sec * sketch_fps))], fmt))
         lines.append(json.dumps(row, ensure_ascii=False))
         if progress and (i + 1) % max(1, num_samples // 10) == 0:
             print(f"  {i + 1}/{num_samples} songs", flush=True)
     manifest = out / MANIFEST
-    _atomic_write(manifest, ("\n".join(lines) + "\n").encode("utf-8"))
+    _atomic_write_bytes(manifest, ("\n".join(lines) + "\n").encode("utf-8"))
     return manifest

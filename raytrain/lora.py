@@ -39,18 +39,19 @@ def _spec(spec: Any) -> dict[str, Any]:
 
 def target_names(model: nn.Module, patterns: list[str], where: str = "lora") -> list[str]:
     """The dotted names of the Linear layers ``patterns`` (globs) match; each pattern must match one."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n}
-    bypassed = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    modules = {n: m for n, m in model.named_modules() if n}
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    bypassed = {f"{n}.out_proj" for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
     names: list[str] = []
     for pat in patterns:
         hit = [n for n in linears if fnmatch.fnmatchcase(n, pat)]
         if not hit:
-            other = [n for n, m in model.named_modules() if n and fnmatch.fnmatchcase(n, pat)]
+            other = [n for n in modules if fnmatch.fnmatchcase(n, pat)]
             if other:
-                kinds = sorted({type(dict(model.named_modules())[n]).__name__ for n in other})
+                kinds = sorted({type(modules[n]).__name__ for n in other})
                 raise LoraError(f"{where}.target_modules: {pat!r} matches {', '.join(other[:3])} ({', '.join(kinds)}), "
                                 "not Linear layers: LoRA here adapts nn.Linear only")
-            some = ", ".join(list(linears)[:6])
+            some = ", ".join(linears[:6])
             raise LoraError(f"{where}.target_modules: {pat!r} matches no Linear layer of the model; its Linear "
                             f"layers are e.g. {some} (globs: * ? [..])")
         for n in hit:
