@@ -35,17 +35,22 @@ class PatternError(ValueError):
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a file.
+
+    The temp file has the final file's name inside a temp folder: torch.save names the records of its zip
+    after the file, so equal weights make equal bytes (a cache phase keys its output on the weights file's
+    hash: a retrained encoder with the same weights reuses it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = os.path.join(tmp_dir, path.name)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        os.rmdir(tmp_dir)
 
 
 def load_data(path: str | Path) -> Any:

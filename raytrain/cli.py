@@ -105,6 +105,11 @@ def _infer(args: argparse.Namespace) -> int:
     from raytrain.infer import load_model, separate_file
     from raytrain.models import CTCASR
 
+    if args.lyrics is not None or args.prompt is not None:
+        return _infer_song(args)
+    if not args.inputs:
+        print("error: give input audio files (or --lyrics and --prompt for a song generator)", file=sys.stderr)
+        return 2
     model = load_model(args.source, args.phase)
     from raytrain import vc_infer
     from raytrain.models.vc import VCFlow
@@ -129,6 +134,24 @@ def _infer(args: argparse.Namespace) -> int:
         for p in separate_file(model, wav, args.output):
             print(p)
     return 0
+
+
+def _infer_song(args: argparse.Namespace) -> int:
+    from raytrain import music_infer
+
+    if args.lyrics is None or args.prompt is None:
+        print("error: a song needs both --lyrics and --prompt", file=sys.stderr)
+        return 2
+    if args.inputs:
+        print(f"error: a song generator takes no input files (got {args.inputs[0]}); give --lyrics and --prompt",
+              file=sys.stderr)
+        return 2
+    try:
+        return music_infer.run(args.source, args.lyrics, args.prompt, args.output, args.phase, args.adapter,
+                               args.sketch, args.seconds)
+    except music_infer.InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -246,14 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("infer", help="separate, transcribe or convert audio files with a trained model")
     p.add_argument("source", help="run folder runs/<pipeline>/<id>, a phase folder, a model.pt, "
                                   "or an exported separation model .onnx (onnxruntime, CPU)")
-    p.add_argument("inputs", nargs="+", help="input wav/flac files (any sample rate); ASR also takes .tsv manifests")
-    p.add_argument("-o", "--output", default="out", help="output folder (default: out/)")
+    p.add_argument("inputs", nargs="*", help="input wav/flac files (any sample rate); ASR also takes .tsv manifests")
+    p.add_argument("-o", "--output", default="out", help="output folder (default: out/); a song: its .wav path")
     p.add_argument("--phase", help="phase whose best checkpoint to use (default: the last finished)")
     p.add_argument("--chunk-ms", type=float, default=640.0,
                    help="ASR with an Emformer: stream the audio in chunks of this many ms (default 640)")
     p.add_argument("--full", action="store_true", help="ASR: full-utterance decoding only, no streaming")
     p.add_argument("--ref", help="voice conversion: a recording of the target voice (1.6 s or more of speech)")
     p.add_argument("--steps", type=int, help="voice conversion: sampling steps of the flow (default: the model's)")
+    p.add_argument("--lyrics", help="song generation: the lyrics, with section tags, e.g. \"[verse] light on the river\"")
+    p.add_argument("--prompt", help="song generation: a style prompt (a few seconds of a song)")
+    p.add_argument("--sketch", help="song generation: a melody sketch token file (.npy, .npz, .pt); default: none")
+    p.add_argument("--seconds", type=float, help="song generation without a sketch: its length (default 6)")
+    p.add_argument("--adapter", help="song generation: a LoRA adapter.pt to load unmerged on --phase's weights")
     p.set_defaults(fn=_infer)
     p = sub.add_parser("ckpt", help="checkpoint tools: `ckpt diff CKPT PIPELINE --phase P`")
     ck = p.add_subparsers(dest="ckpt_command", required=True)

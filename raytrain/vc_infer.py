@@ -44,8 +44,10 @@ class Converted:
     rtf: float
 
 
-def read_speech(path: str | Path, sample_rate: int, what: str) -> np.ndarray:
-    """Mono float32 audio at `sample_rate`; InputError if missing, not audio, silent or shorter than 1.6 s."""
+def read_speech(path: str | Path, sample_rate: int, what: str, min_seconds: float = MIN_SECONDS,
+                needs: str = "the speaker encoder needs") -> np.ndarray:
+    """Mono float32 audio at `sample_rate`; InputError if missing, not audio, silent or shorter than
+    `min_seconds` (1.6 s: resemblyzer's shortest window; the message says who `needs` it)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: {what} not found")
@@ -56,9 +58,9 @@ def read_speech(path: str | Path, sample_rate: int, what: str) -> np.ndarray:
     mono = wave.mean(axis=1)
     if len(mono) == 0 or not np.any(np.abs(mono) > 1e-4):
         raise InputError(f"{p}: {what} is silent ({len(mono) / sr:.2f} s with no sample above -80 dBFS)")
-    if len(mono) / sr < MIN_SECONDS:
-        raise InputError(f"{p}: {what} is {len(mono) / sr:.2f} s long; the speaker encoder needs at least "
-                         f"{MIN_SECONDS} s of speech")
+    if len(mono) / sr < min_seconds:
+        raise InputError(f"{p}: {what} is {len(mono) / sr:.2f} s long; {needs} at least {min_seconds:g} s of "
+                         "speech")
     if sr != sample_rate:
         mono = AF.resample(torch.from_numpy(np.ascontiguousarray(mono)), sr, sample_rate).numpy()
     return np.asarray(mono, dtype=np.float32)

@@ -359,6 +359,15 @@ class ColumnDecl(Strict):
     dims: int | None = Field(None, ge=1, description="values per frame (features); default: the model's output's")
     sample_rate: int | None = Field(None, gt=0, description="audio")
     dtype: str = "float32"
+    codebook_size: int | None = Field(
+        None, ge=1, description="tokens: the codebook's size; the phase reports each dataset's codebook usage and "
+                                "code perplexity")
+
+    @model_validator(mode="after")
+    def _codebook_of_tokens(self) -> ColumnDecl:
+        if self.codebook_size is not None and self.role != "tokens":
+            raise ValueError(f"codebook_size is for a 'tokens' column, this one is {self.role!r}")
+        return self
 
 
 class CachePhaseConfig(PhaseBase):
@@ -375,6 +384,14 @@ class CachePhaseConfig(PhaseBase):
     batch_size: int = Field(8, ge=1)
     cache_dir: str = Field("data/cache", description="folder of cached datasets (one subfolder per cache key)")
     rows_per_shard: int = Field(200, ge=1)
+    verify_lengths: Annotated[int, Field(ge=1)] | Literal["all"] | None = Field(
+        None, description="compare length_columns' lengths in the first N written rows of every dataset (or all)")
+    length_columns: tuple[str, str] = Field(
+        ("sketch", "latent"), description="(a, b): b's length is checked against a's times b's rate / a's rate "
+                                          "(written or carried time columns; an unknown rate counts as equal)")
+    length_tolerance: int = Field(0, ge=0, description="frames of b a row may differ from the expected length")
+    require_length_match: bool = Field(False, description="a mismatching row fails the phase (later phases "
+                                                          "do not run)")
 
     @model_validator(mode="after")
     def _consistent(self) -> CachePhaseConfig:
@@ -385,6 +402,10 @@ class CachePhaseConfig(PhaseBase):
             raise ValueError("a cache phase needs 'datasets': {source dataset: name of the cached dataset}")
         if not self.columns:
             raise ValueError("a cache phase needs 'columns': {column: {output: <model output key>, role: ...}}")
+        if self.require_length_match and self.verify_lengths is None:
+            raise ValueError("require_length_match needs verify_lengths: the number of rows to check or 'all'")
+        if self.length_columns[0] == self.length_columns[1]:
+            raise ValueError(f"length_columns: two different columns, got {list(self.length_columns)}")
         return self
 
 

@@ -11,7 +11,9 @@ gives a whole number of steps (1 / gcd of the rates: 40 ms for 16 kHz, 25, 50 an
 every column starts exactly at the same time. When that grid is coarser than the crop (rates
 with no useful common divisor), starts fall on the slowest column's steps and the others round
 to the nearest step of theirs. A row shorter than ``seconds`` keeps all of itself (start 0); the
-collate pads it and its ``<column>_lengths`` say how much is real.
+collate pads it and its ``<column>_lengths`` say how much is real. ``strategy: start`` always takes the
+first ``seconds`` (the song fine-tuning codes' ``--segment-strategy start``: every epoch sees the same
+opening), ``random`` (the default) a seeded random start per row and epoch.
 """
 
 from __future__ import annotations
@@ -56,10 +58,13 @@ class AlignedCrop:
     reads: ClassVar[tuple[str, ...]] = ()
     makes: ClassVar[dict[str, tuple[str, ...]]] = {}
 
-    def __init__(self, seconds: float = 1.0, columns: list[str] | None = None, *, sample_rate: int,
-                 seed: int = 0, specs: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, seconds: float = 1.0, columns: list[str] | None = None, strategy: str = "random", *,
+                 sample_rate: int, seed: int = 0, specs: Mapping[str, Any] | None = None) -> None:
         if not seconds > 0:
             raise ValueError(f"aligned_crop: seconds must be > 0, got {seconds}")
+        if strategy not in ("random", "start"):
+            raise ValueError(f"aligned_crop: strategy must be 'random' or 'start', got {strategy!r}")
+        self.strategy = strategy
         self.seconds, self.only, self.sample_rate, self.seed = float(seconds), columns, int(sample_rate), seed
         self.specs = specs_of(specs) if specs else None
 
@@ -95,7 +100,7 @@ class AlignedCrop:
             lengths = {c: len(columns[c][i]) for c in rates}
             # the last start (in grid periods) at which every column still holds a whole crop
             last = min(math.floor((lengths[c] - sizes[c]) * grid / r) for c, r in rates.items())
-            k = int(rng.integers(0, last + 1)) if last > 0 else 0
+            k = int(rng.integers(0, last + 1)) if last > 0 and self.strategy == "random" else 0
             for c, r in rates.items():
                 start = round(k * r / grid)
                 out[c][i] = np.asarray(columns[c][i])[start:start + sizes[c]]

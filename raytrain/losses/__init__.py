@@ -13,6 +13,7 @@ from torch import Tensor
 
 from raytrain.losses.asr import asr_ctc, phone_ctc
 from raytrain.losses.distill import distill_mse, distill_si_sdr_pit
+from raytrain.losses.music import ae_kl, ae_recon, latent_mse, vq_commit, vq_recon
 from raytrain.losses.separation import si_sdr_pit
 from raytrain.losses.vc import (
            dmd,
@@ -41,7 +42,12 @@ LOSSES.register("ir_consistency")(ir_consistency)
 LOSSES.register("flow_trajectory")(flow_trajectory)
 LOSSES.register("dmd")(dmd)
 LOSSES.register("dmd_fake_score")(dmd_fake_score)
+LOSSES.register("ae_recon")(ae_recon)
+LOSSES.register("ae_kl")(ae_kl)
+LOSSES.register("vq_recon")(vq_recon)
+LOSSES.register("vq_commit")(vq_commit)
+LOSSES.register("latent_mse")(latent_mse)
 
-__all__ = ["LOSSES", "LossFn", "asr_ctc", "distill_mse", "distill_si_sdr_pit", "dmd", "dmd_fake_score",
-           "flow_matching", "flow_trajectory", "ir_consistency", "mel_multires", "phone_ctc", "si_sdr_pit",
-           "speaker_cosine"]
+__all__ = ["LOSSES", "LossFn", "ae_kl", "ae_recon", "asr_ctc", "distill_mse", "distill_si_sdr_pit", "dmd", "dmd_fake_score",
+           "flow_matching", "flow_trajectory", "ir_consistency", "latent_mse", "mel_multires", "phone_ctc",
+           "si_sdr_pit", "speaker_cosine", "vq_commit", "vq_recon"]

@@ -15,6 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from raytrain.metrics.asr import cer, wer
+from raytrain.metrics.music import latent_mse, mel_l1
 from raytrain.metrics.separation import mixture_si_sdr, pit_si_sdr, si_sdr, si_sdri
 from raytrain.metrics.voice import dnsmos, mcd, secs, secs_gender, similarity, speaker_embedding
 from raytrain.registry import Registry
@@ -30,6 +31,8 @@ METRICS.register("secs")(secs)
 METRICS.register("secs_gender")(secs_gender)
 METRICS.register("dnsmos")(dnsmos)
 METRICS.register("mcd")(mcd)
+METRICS.register("latent_mse")(latent_mse)
+METRICS.register("mel_l1")(mel_l1)
 
 
 class MetricTotals:

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from raytrain.models.asr import CTCASR
+from raytrain.models.music import MusicAE, MusicGenerator, SketchVQ
 from raytrain.models.separation import SeparationAdapter, SeparationModel
 from raytrain.models.vc import SpeakerEncoder, VCFlow
 from raytrain.registry import Registry
@@ -29,6 +30,9 @@ MODELS.register("convtasnet")(SeparationModel)
 MODELS.register("ctc_asr")(CTCASR)
 MODELS.register("vc_flow")(VCFlow)
 MODELS.register("speaker_encoder")(SpeakerEncoder)
+MODELS.register("music_ae")(MusicAE)
+MODELS.register("sketch_vq")(SketchVQ)
+MODELS.register("music_generator")(MusicGenerator)
 ADAPTERS.register("separation")(SeparationAdapter)
 
 
@@ -112,8 +116,11 @@ __all__ = [
     "ADAPTERS",
     "CTCASR",
     "MODELS",
+    "MusicAE",
+    "MusicGenerator",
     "SeparationAdapter",
     "SeparationModel",
+    "SketchVQ",
     "SpeakerEncoder",
     "VCFlow",
     "build_model",

@@ -11,6 +11,12 @@ named in `carry`, written by the one dataset writer (`datasets_prep.shards.Datas
 phase's config: a later run with the same key reuses the folder with zero forward passes; another
 checkpoint, source or config makes a new folder; `raytrain run --rebuild-cache` writes it again. Later
 phases name the output like a `data:` entry, and `raytrain plan` knows its columns before it exists.
+
+After writing or reusing a dataset the phase reads its shards back (cheap pyarrow reads of the written rows,
+not the model's padded outputs) for two checks that are not part of the key: `verify_lengths` compares two
+time columns' lengths row by row (`length_check.json` in the phase folder lists the rows that differ, with
+their source manifest line when the rows have a `line`; `require_length_match` fails the phase on one), and
+a tokens column with a `codebook_size` gets its codebook usage and code perplexity per dataset.
 """
 
 from __future__ import annotations
@@ -34,6 +40,18 @@ from raytrain.phases.base import (
     Produces,
     register_kind,
 )
+from raytrain.phases.cache_checks import (
+    LengthCheck,
+    code_histogram,
+    codebook_stats,
+    length_mismatches,
+    manifest_file,
+    mismatch_text,
+    name_rows,
+    source_lines,
+    stored_codes,
+    stored_lengths,
+)
 
 if TYPE_CHECKING:
     from datasets_prep.columns import ColumnSpec
@@ -41,6 +59,8 @@ if TYPE_CHECKING:
 
 CALLS = "__cache_calls"  # one 1 per model call in the mapped batches: how many forward passes ran
 SPEC = "__cache_spec__"  # + column: the spec of an output column as the model made it (its dims), as JSON
+CHECK_KEYS = ("verify_lengths", "length_columns", "length_tolerance", "require_length_match")  # not in the key
+SHOWN = 20  # mismatching rows printed; length_check.json holds them all
 
 
 def file_sha256(path: str) -> str:
@@ -67,7 +87,10 @@ def output_specs(phase: CachePhaseConfig, source: dict[str, Any] | None) -> dict
         else:
             out[name] = ColumnSpec.label()
     for name in phase.carry:
-        out[name] = src.get(name) or ColumnSpec.meta()
+        spec = src.get(name) or ColumnSpec.meta()
+        # a token file's column (per-row shape and dtype beside it) is carried as plain int64 tokens
+        out[name] = ColumnSpec.tokens(rate=spec.rate, vocab=spec.vocab, codebooks=spec.codebooks) \
+            if spec.shape_columns else spec
     return out
 
 
@@ -129,6 +152,7 @@ class CacheMapper:
         specs = self.specs
         ids = batch["id"]
         carried = {c: batch[c] for c in self.phase.carry}
+        made = _plain_tokens(batch, carried, getattr(collate, "specs", None) or {})
         model_batch = collate(dict(batch))
         with torch.no_grad():
             out = self.model({k: v.to(self.device) for k, v in model_batch.items()})
@@ -149,6 +173,8 @@ class CacheMapper:
             result[SPEC + name] = [json.dumps(spec.to_json())] * n
         for c, v in carried.items():
             result[c] = list(v)
+        for c, spec in made.items():
+            result[SPEC + c] = [json.dumps(spec.to_json())] * n
         return result
 
     def _lengths(self, out: dict[str, Any], key: str, batch: dict[str, Any], values: np.ndarray,
@@ -159,6 +185,28 @@ class CacheMapper:
         if "lengths" in batch and decl.frame_rate and self.sample_rate:
             return [min(full, math.ceil(int(x) * decl.frame_rate / self.sample_rate)) for x in batch["lengths"]]
         return [full] * values.shape[0]
+
+
+def _plain_tokens(batch: dict[str, Any], carried: dict[str, Any], source: dict[str, ColumnSpec]
+                  ) -> dict[str, ColumnSpec]:
+    """Carried token-file columns (bytes with a per-row `<c>_shape`, `<c>_dtype`) decoded, in place in
+    `carried`, into int64 arrays (T,) or (T, codebooks), which the output stores as plain tokens; their specs."""
+    from datasets_prep.codecs import decode_tokens
+    from datasets_prep.columns import ColumnSpec
+
+    made = {}
+    for c, values in carried.items():
+        spec = source.get(c)
+        if spec is None or not spec.shape_columns:
+            continue
+        dtypes = batch.get(f"{c}_dtype")
+        arrays = [None if v is None else decode_tokens(v, batch[f"{c}_shape"][i], str(
+            dtypes[i] if dtypes is not None else spec.dtype)).astype(np.int64) for i, v in enumerate(values)]
+        carried[c] = arrays
+        first = next((a for a in arrays if a is not None), None)
+        codebooks = int(first.shape[1]) if first is not None and first.ndim == 2 else spec.codebooks
+        made[c] = ColumnSpec.tokens(rate=spec.rate, vocab=spec.vocab, codebooks=codebooks)
+    return made
 
 
 class CacheKind(PhaseKind):
@@ -206,6 +254,25 @@ class CacheKind(PhaseKind):
                 if c not in have:
                     problems.append(f"{where}.carry: column {c!r} is not in dataset {src!r} (it has "
                                     f"{', '.join(have)})")
+        if phase.verify_lengths is not None:
+            problems += self._check_length_columns(phase, plan, where)
+        return list(dict.fromkeys(problems))
+
+    @staticmethod
+    def _check_length_columns(phase: CachePhaseConfig, plan: PhasePlan, where: str) -> list[str]:
+        """Both `length_columns` are columns of every output, with a time axis where the source is known."""
+        problems = []
+        written = output_specs(phase, None)
+        for c in phase.length_columns:
+            if c not in written:
+                problems.append(f"{where}.length_columns: {c!r} is not a column the phase writes (it writes "
+                                f"{', '.join(written)}); name a column of 'columns' or 'carry'")
+                continue
+            for _, src, manifest in plan.datasets:
+                spec = output_specs(phase, manifest)[c] if manifest is not None else None
+                if spec is not None and not spec.is_time:
+                    problems.append(f"{where}.length_columns: {c!r} of the output of {src!r} is a {spec.role} "
+                                    "column, which has no length; name an audio, tokens or features column")
         return problems
 
     def plan_lines(self, pipe: PipelineConfig, plan: PhasePlan) -> list[str]:
@@ -216,6 +283,14 @@ class CacheKind(PhaseKind):
                  + (f"; carries {', '.join(ph.carry)}" if ph.carry else ""),
                  f"    batch    {ph.batch_size} x {pipe.phase_scaling(ph).num_workers} actors; cached under "
                  f"{ph.cache_dir}/<name>/<key> (model, weights and source: same key, no forward pass)"]
+        manifest = next((m for _, _, m in plan.datasets if m is not None), None)
+        check = LengthCheck.of(ph, output_specs(ph, manifest))
+        if check is not None:
+            lines.append(f"    verify   {check.describe()}; a mismatch "
+                         + ("fails the phase (require_length_match)" if ph.require_length_match else "is reported"))
+        codebooks = [f"{n} ({d.codebook_size} codes)" for n, d in ph.columns.items() if d.codebook_size]
+        if codebooks:
+            lines.append(f"    reports  codebook usage and perplexity of {', '.join(codebooks)} per dataset")
         return lines
 
     # ---- run ---------------------------------------------------------------------------------------------
@@ -230,8 +305,10 @@ class CacheKind(PhaseKind):
         t0 = time.time()
         model = ctx.pipe.phase_model(phase).model_dump(mode="json")
         # what every output's key shares: the weights file's hash (a pretrained model: its config), the model
+        not_keyed: dict[str, Any] = {k: True for k in ("name", "cache_dir", "scaling", *CHECK_KEYS)}
+        not_keyed["columns"] = {"__all__": {"codebook_size"}}  # what the phase checks, not what it writes
         keyed = {"weights": file_sha256(weights) if weights is not None else None, "model": model,
-                 "phase": phase.model_dump(mode="json", exclude={"name", "cache_dir", "scaling"})}
+                 "phase": phase.model_dump(mode="json", exclude=not_keyed)}
         pool = _ActorPool(lambda: [
             _mapper_class(use_gpu, resources).remote(
                 model=model, weights=weights,
@@ -243,8 +320,83 @@ class CacheKind(PhaseKind):
                 self._one(ctx, src, name, weights, keyed, pool)
         finally:
             pool.close()
+        metrics = {"cache/forward_passes": float(entry.forward_passes)}
+        failure = self._check_written(ctx, metrics)
         entry.wall_s = round(entry.wall_s + time.time() - t0, 1)
-        entry.final_metrics = {"cache/forward_passes": float(entry.forward_passes)}
+        entry.final_metrics = metrics
+        ctx.tracker.metrics(ctx.run_id, metrics, 0)
+        if failure:
+            raise PipelineError(failure)
+
+    def _check_written(self, ctx: PhaseContext, metrics: dict[str, float]) -> str | None:
+        """The checks of the written (or reused) rows: codebook statistics and `verify_lengths` into `metrics`,
+        the mismatching rows printed and in `length_check.json`; the failure's message under
+        `require_length_match`."""
+        from datasets_prep.columns import manifest_columns
+        from datasets_prep.shards import read_manifest
+
+        phase: CachePhaseConfig = ctx.phase
+        check, checked = None, 0
+        bad: list[dict[str, Any]] = []
+        per_dataset: dict[str, Any] = {}
+        for src, name in phase.datasets.items():
+            folder = ctx.entry.datasets[name]
+            manifest, source = read_manifest(folder), ctx.datasets[src][0]
+            for col, decl in phase.columns.items():
+                if decl.codebook_size:
+                    metrics.update(self._codebook(phase.name, name, col, decl.codebook_size, folder, manifest))
+            check = LengthCheck.of(phase, manifest_columns(manifest))
+            if check is None:
+                continue
+            n, rows = length_mismatches(stored_lengths(folder, manifest, check), check)
+            src_manifest = read_manifest(source)
+            no_line = {str(r["id"]) for r in rows if r["line"] is None}  # lines from the source, if it has them
+            name_rows(rows, name, manifest_file(src_manifest), source_lines(source, src_manifest, no_line))
+            print(f"cache {phase.name}: {name}: lengths of {n} rows checked ({check.describe()}): "
+                  f"{len(rows)} mismatch{'es' if len(rows) != 1 else ''}")
+            for r in rows[:max(0, SHOWN - len(bad))]:
+                print("  " + mismatch_text(r, check))
+            checked, bad = checked + n, bad + rows
+            per_dataset[name] = {"folder": folder, "source": source, "checked": n, "mismatches": len(rows)}
+        if check is None:
+            return None
+        if len(bad) > SHOWN:
+            print(f"  and {len(bad) - SHOWN} more")
+        metrics.update({"cache/length_checked": float(checked), "cache/length_mismatches": float(len(bad))})
+        path = self._length_report(ctx, check, per_dataset, bad)
+        if not bad or not phase.require_length_match:
+            return None
+        shown = "; ".join(mismatch_text(r, check) for r in bad[:5])
+        return (f"cache {phase.name!r}: {len(bad)} of {checked} rows checked have a {check.b} length that does "
+                f"not match {check.a}'s ({check.describe()}; require_length_match): {shown}"
+                + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "") + f". Every row is in {path}. Fix or "
+                "drop those rows in the source, or allow a difference with length_tolerance")
+
+    @staticmethod
+    def _codebook(phase: str, dataset: str, column: str, size: int, folder: str, manifest: dict[str, Any]
+                  ) -> dict[str, float]:
+        counts, outside = code_histogram(stored_codes(folder, manifest, column), size)
+        usage, perplexity = codebook_stats(counts)
+        print(f"cache {phase}: {dataset}: {column}: {np.count_nonzero(counts)} of {size} codes used "
+              f"({usage:.1%}), perplexity {perplexity:.1f}"
+              + (f"; {outside} codes outside [0, {size}) not counted" if outside else ""))
+        return {f"cache/{dataset}/{column}_usage": usage, f"cache/{dataset}/{column}_perplexity": perplexity}
+
+    @staticmethod
+    def _length_report(ctx: PhaseContext, check: LengthCheck, datasets: dict[str, Any],
+                       mismatches: list[dict[str, Any]]) -> Path:
+        """`length_check.json` in the phase folder (in the summary's `files`, an MLflow artifact)."""
+        from raytrain.checkpoints import atomic_write_text
+
+        path = ctx.phase_dir / "length_check.json"
+        report = {"columns": [check.a, check.b], "ratio": check.ratio, "tolerance": check.tolerance,
+                  "rows": "all" if check.first is None else check.first,
+                  "require_length_match": ctx.phase.require_length_match, "datasets": datasets,
+                  "mismatches": mismatches}
+        atomic_write_text(path, json.dumps(report, indent=2))
+        ctx.entry.files["length_check"] = str(path)
+        ctx.tracker.artifact(ctx.run_id, path)
+        return path
 
     def _one(self, ctx: PhaseContext, src: str, name: str, weights: str | None, keyed: dict[str, Any],
              pool: _ActorPool) -> None:

@@ -53,6 +53,14 @@ def test_one_second_is_16000_samples_25_frames_50_latents_75_tokens_from_the_sam
     assert out["text"].tolist() == [f"row {i}" for i in range(len(LENGTHS))]  # other columns pass through
 
 
+def test_strategy_start_takes_every_row_from_its_first_frame() -> None:
+    out = AlignedCrop(seconds=1.0, strategy="start", sample_rate=16000, seed=3)(_batch(), epoch=5, specs=SPECS)
+    for i in range(len(LENGTHS)):
+        assert set(_starts(out, i).values()) == {0}
+    with pytest.raises(ValueError, match="strategy"):
+        AlignedCrop(seconds=1.0, strategy="middle", sample_rate=16000)
+
+
 def test_crops_are_seeded_by_batch_and_epoch() -> None:
     crop = AlignedCrop(seconds=1.0, sample_rate=16000, seed=3)
     first = crop(_batch(), epoch=1, specs=SPECS)

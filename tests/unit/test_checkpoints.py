@@ -238,6 +238,16 @@ def test_atomic_torch_save_writes_and_leaves_no_temp(tmp_path) -> None:
     assert os.listdir(path.parent) == ["model.pt"]
 
 
+def test_atomic_torch_save_of_equal_weights_writes_equal_bytes(tmp_path) -> None:
+    """A cache phase keys its output on the weights file's sha256: the same weights saved by two runs must
+    make the same file (torch.save names its zip records after the file it writes, so not a random temp name)."""
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)}
+    a, b = tmp_path / "run1" / "model.pt", tmp_path / "run2" / "model.pt"
+    atomic_torch_save(state, a)
+    atomic_torch_save({k: v.clone() for k, v in state.items()}, b)
+    assert a.read_bytes() == b.read_bytes()
+
+
 def test_atomic_torch_save_failure_keeps_old_file(tmp_path) -> None:
     path = tmp_path / "model.pt"
     atomic_torch_save({"w": torch.ones(4)}, path)
