@@ -10,7 +10,8 @@ whose record carries the same key (prep parameters + item ids) and whose shard s
 the recorded sha256, so a killed run resumes where it stopped and ends with the same
 bytes. Once every chunk is done, the driver gives all shards one schema (``unify_shards``:
 a column that was all None or absent in a chunk is rewritten there with the others' type).
-``_manifest.json`` (and ``_rejects.parquet``) are written last, by the driver.
+``_manifest.json`` (and ``_rejects.parquet``) are written last, by the driver. A row read from a JSONL
+manifest keeps its line number as the int column ``line`` (what a later phase names it by).
 
 An item that cannot be used (unreadable, empty, NaN, wrong rate, too short after
 trimming...) is a reject: a row of ``_rejects.parquet`` with its reason, counted in the
@@ -35,7 +36,7 @@ import pyarrow.parquet as pq
 from datasets_prep.columns import derive_columns
 from datasets_prep.faults import pause_point
 from datasets_prep.manifest import build_manifest, manifest_bytes, row_stats, shard_record
-from datasets_prep.readers.manifests import LINE_KEY
+from datasets_prep.readers.manifests import LINE_COLUMN, LINE_KEY, line_number
 from datasets_prep.shards import (
     AUDIO_FORMATS,
     MANIFEST_NAME,
@@ -96,6 +97,9 @@ def process_chunk(items: list[dict[str, Any]], *, audio_columns: list[str], chai
                 row["f0"] = np.ascontiguousarray(r["f0"], dtype="<f4").tobytes()
             row["num_samples"], row["sample_rate"] = n, sr
             row["id"] = str(r["id"])
+            line = line_number(r)
+            if line is not None:  # a JSONL row: later phases name it as <manifest>:<line>
+                row[LINE_COLUMN] = line
             rows.append(row)
     return rows, rejects
 
@@ -317,17 +321,19 @@ def prepare_items(items: list[dict[str, Any]], out_dir: str | os.PathLike, *, ki
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     if shard_mb is not None and not shard_mb > 0:
         raise ValueError(f"shard_mb must be > 0, got {shard_mb}")
+    steps = list(steps or [])
+    chain = Chain(steps, audio_columns)  # validates the steps before any work, and before the folder is touched
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for p in out.glob(".*.tmp"):  # leftovers of a killed run
         p.unlink()
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # not a dataset until this run's manifest lands
-    steps = list(steps or [])
-    chain = Chain(steps, audio_columns)  # validates the steps before any work
     params = {**(prep or {}), "kind": kind, "steps": chain.describe(), "audio_format": audio_format,
               "rows_per_shard": rows_per_shard, "expect_sample_rate": expect_sample_rate}
     if shard_mb is not None:
         params["shard_mb"] = shard_mb
+    if any(LINE_KEY in it for it in items):  # JSONL rows: their line column and prompt audio change the rows
+        params["audio_columns"] = list(audio_columns)
     chunks = cut_chunks(items, rows_per_shard, shard_mb, list(audio_columns))
     keys = [chunk_key(params, c) for c in chunks]
     records: dict[int, dict[str, Any]] = {}
@@ -418,15 +424,15 @@ def prep_corpus(source: str | os.PathLike, fmt: str, output_dir: str | os.PathLi
 
     Without a resample step, ``sample_rate`` is the rate every file must have (others are rejects).
     """
-    from datasets_prep.readers.manifests import AUDIO_PATH_COLUMNS, list_items
+    from datasets_prep.readers.manifests import list_items, with_audio_columns
 
     steps = list(steps or [])
     if "resample" in steps and not sample_rate:
         raise ValueError("the resample step needs --sample-rate (the output rate)")
     step_params = [(s, {"sample_rate": sample_rate} if s == "resample" else {}) for s in steps]
-    items = list_items(fmt, source)
+    items, audio_columns = with_audio_columns(fmt, list_items(fmt, source))
     return prepare_items(items, output_dir, kind="mixtures" if fmt == "wsj0-2mix" else "speech",
-                         audio_columns=list(AUDIO_PATH_COLUMNS[fmt]), steps=step_params,
+                         audio_columns=audio_columns, steps=step_params,
                          rows_per_shard=rows_per_shard, shard_mb=shard_mb, audio_format=audio_format,
                          expect_sample_rate=None if "resample" in steps else sample_rate, workers=workers,
                          prep={"format": fmt, "source": str(source)}, progress=progress)

@@ -10,7 +10,8 @@ A prep YAML names its source in one of two ways:
   ``train`` (train voices reading train sentences), ``dev_speech`` (held-out voices reading held-out
   sentences) and ``dev`` (fixed 2-speaker mixtures made only from ``dev_speech``); ``asr`` writes
   train/dev/test sets; ``vc`` writes parallel speech corpora, their parallel pairs and dev triples
-  (``datasets_prep.vc``).
+  (``datasets_prep.vc``); ``songs`` writes songs sung by espeak voices over an accompaniment, one
+  JSONL corpus per language (``datasets_prep.sung``), prepared like a JSONL input and split by singer.
 
 Either way the shards are written by the Ray Data executor (``datasets_prep.execute``) on
 ``workers`` tasks: bad files become rows of ``_rejects.parquet``, finished shards are not
@@ -27,11 +28,20 @@ import re
 import time
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pyarrow.parquet as pq
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from datasets_prep.execute import prepare_items
 from datasets_prep.mixtures import mixture_params, write_fixed_mixtures
@@ -41,14 +51,16 @@ from datasets_prep.readers.espeak import (
     make_sentences,
     make_syllable_sentences,
     split_voices,
+    syllable_vocabulary,
     vocab_split,
     vocabulary,
 )
-from datasets_prep.readers.manifests import AUDIO_PATH_COLUMNS, list_items
+from datasets_prep.readers.manifests import list_items, with_audio_columns
 from datasets_prep.shards import MANIFEST_NAME, decode_audio, read_manifest, shard_paths
 from datasets_prep.splits import parse_ratios, split_items
-from datasets_prep.steps.audio import STEPS
+from datasets_prep.steps.audio import CUTTING_STEPS, STEPS
 from datasets_prep.storage import is_uri, join, upload_dataset
+from datasets_prep.sung import PITCH_RANGE, choose_singers, song_params, write_sung_corpus
 from datasets_prep.vc import (
     Speech,
     Triple,
@@ -100,6 +112,42 @@ class VcCorpus(_Strict):
         return dict(zip(("min_words", "max_words"), self.train_words, strict=True)) if self.train_words else {}
 
 
+class SongCorpus(_Strict):
+    """One corpus of ``layout: songs``: ``songs`` songs, sung by its ``singers`` in turn (``datasets_prep.sung``)."""
+
+    language: list[str] | None = Field(default=None, min_length=1)  # espeak-ng languages/accents (None: 8 English)
+    singers: int = Field(ge=2)  # >= 2: the split by singer puts some of them in dev only
+    songs: int = Field(ge=2)
+    text: Literal["words", "syllables"] = "words"  # syllables: pseudo-Spanish words (syllable_vocabulary)
+    # espeak -p of each singer's root note (the melody rises an octave, about 60 units, above it; None: 30, 40)
+    # and -s it sings at 120 bpm (scaled with each song's tempo; None: 160, 190)
+    pitches: list[int] | None = Field(default=None, min_length=1)
+    speeds: list[int] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _fits(self) -> SongCorpus:
+        if self.songs < self.singers:
+            raise ValueError(f"songs={self.songs} is fewer than singers={self.singers}: every singer sings at least one "
+                             "song; raise songs or lower singers")
+        if self.pitches and not all(PITCH_RANGE[0] <= p <= 40 for p in self.pitches):
+            raise ValueError(f"pitches={self.pitches}: give {PITCH_RANGE[0]}-40 (the melody rises about 60 units of -p "
+                             f"above a singer's pitch, and espeak-ng's -p ends at {PITCH_RANGE[1]})")
+        if self.speeds and not all(80 <= s <= 450 for s in self.speeds):
+            raise ValueError(f"speeds={self.speeds}: espeak-ng sings words at -s 80-450 words per minute")
+        return self
+
+
+def _corpus_kind(value: Any) -> str:
+    """``songs`` for a corpus with song keys (``singers``, ``songs``), else ``vc``."""
+    if isinstance(value, dict):
+        return "songs" if {"singers", "songs"} & set(value) else "vc"
+    return "songs" if isinstance(value, SongCorpus) else "vc"
+
+
+_CORPUS_TAGS = ("vc", "songs")
+Corpus = Annotated[Annotated[VcCorpus, Tag("vc")] | Annotated[SongCorpus, Tag("songs")], Discriminator(_corpus_kind)]
+
+
 class DevRooms(_Strict):
     """The rooms of ``dev_reverb/`` (layout vc): keep them outside the training augmentation's ranges
     (``room_reverb``'s defaults: RT60 0.15-0.45 s, rooms up to 7 x 6 x 3.2 m), so dev measures robustness
@@ -125,6 +173,7 @@ _FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VC_RESERVED = ("dev", "dev_speech", "dev_reverb", "dev_self")
 _VC_KEYS = ("corpora", "pairs_per_sentence", "self_pairs", "dev_triples", "dev_words", "dev_rooms",
             "reference_utterances", "dev_self_triples")
+_SONG_KEYS = ("duration_sec", "prompt_sec", "tempo")
 
 
 class EspeakGenerator(_Strict):
@@ -148,7 +197,9 @@ class EspeakGenerator(_Strict):
     # vc: <corpus>/speech/ and <corpus>/pairs/ for each of `corpora`, dev_speech/ (held-out voices reading
     # held-out sentences, every voice all `dev_sentences`), dev/ and dev_reverb/ (fixed triples); see
     # datasets_prep.vc.
-    layout: Literal["separation", "asr", "vc"] = "separation"
+    # songs: <corpus>/train/ and <corpus>/dev/ (splits: by singer) of each of `corpora` (SongCorpus): songs
+    # sung by espeak voices with their prompts; see datasets_prep.sung.
+    layout: Literal["separation", "asr", "vc", "songs"] = "separation"
     test_sentences: int = Field(default=60, ge=1)  # asr: sentence pool of test/
     eval_utterances_per_voice: int = Field(default=4, ge=1)  # asr: sentences each voice reads in dev/ and test/
     # A word-list file (e.g. /usr/share/dict/words) instead of the 497 shipped words, and how many to draw.
@@ -164,7 +215,8 @@ class EspeakGenerator(_Strict):
     heldout_voices: int | None = Field(default=None, ge=1)
     # vc: the training corpora {name: VcCorpus}, parallel pairs per sentence (a share of them source ==
     # target), the dev triples (half across genders), the length of dev sentences and the dev_reverb rooms.
-    corpora: dict[str, VcCorpus] | None = None
+    # songs: the corpora {name: SongCorpus}.
+    corpora: dict[str, Corpus] | None = None
     pairs_per_sentence: int = Field(default=12, ge=1)
     self_pairs: float = Field(default=0.2, ge=0, lt=1)
     dev_triples: int = Field(default=40, ge=2)
@@ -175,11 +227,32 @@ class EspeakGenerator(_Strict):
     # three), and the dev_self/ rows (a voice converted to itself: the self-reconstruction check).
     reference_utterances: int = Field(default=3, ge=1)
     dev_self_triples: int = Field(default=20, ge=1)
+    # songs: each song's seconds, the seconds of its prompt (the bars that follow), its tempo range (bpm).
+    duration_sec: float = Field(default=6.0, gt=0)
+    prompt_sec: float = Field(default=3.0, gt=0)
+    tempo: tuple[float, float] = (80.0, 140.0)
 
     def source_params(self) -> dict[str, Any]:
         """What a separation/asr dataset records of its generator: not ``workers`` (no effect on the output),
-        nor the vc layout's keys (so that adding them did not make earlier datasets stale)."""
-        return self.model_dump(mode="json", exclude={"workers", *_VC_KEYS}, exclude_none=True)
+        nor the vc and songs layouts' keys (so that adding them did not make earlier datasets stale)."""
+        return self.model_dump(mode="json", exclude={"workers", *_VC_KEYS, *_SONG_KEYS}, exclude_none=True)
+
+    def vc_corpora(self) -> dict[str, VcCorpus]:
+        return {n: c for n, c in (self.corpora or {}).items() if isinstance(c, VcCorpus)}
+
+    def song_corpora(self) -> dict[str, SongCorpus]:
+        return {n: c for n, c in (self.corpora or {}).items() if isinstance(c, SongCorpus)}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _song_corpora_named(cls, data: Any) -> Any:
+        """A corpus of layout songs without song keys would be read as a vc corpus: say what it needs."""
+        if isinstance(data, dict) and data.get("layout") == "songs" and isinstance(data.get("corpora"), dict):
+            for name, c in data["corpora"].items():
+                if isinstance(c, dict) and _corpus_kind(c) != "songs":
+                    raise ValueError(f"corpora.{name}: a corpus of layout songs needs singers and songs, e.g. "
+                                     f"{name}: {{language: [en, en-us], singers: 12, songs: 160}}")
+        return data
 
     def train_lengths(self) -> dict[str, int]:
         """``make_sentences`` keywords for train sentences (empty: its defaults)."""
@@ -190,6 +263,8 @@ class EspeakGenerator(_Strict):
         if self.pitches and not all(0 <= p <= 99 for p in self.pitches):
             raise ValueError(f"pitches={self.pitches}: espeak-ng pitches are 0-99")
         _check_words("train_words", self.train_words)
+        if self.layout == "songs":
+            return self._check_songs()
         if self.layout == "vc":
             return self._check_vc()
         if self.layout == "asr":
@@ -218,7 +293,7 @@ class EspeakGenerator(_Strict):
                                 speeds=speeds)
 
         corpora = {}
-        for name, c in (self.corpora or {}).items():
+        for name, c in self.vc_corpora().items():
             try:
                 corpora[name] = split(c.voices, 1, c.language, c.pitches, c.speeds)[0]
             except ValueError as e:
@@ -229,10 +304,31 @@ class EspeakGenerator(_Strict):
             raise ValueError(f"dev_voices={self.dev_voices}: {e}; add languages, pitches or speeds") from None
         return corpora, dev
 
+    def _check_songs(self) -> EspeakGenerator:
+        if not self.corpora:
+            raise ValueError("corpora: layout songs needs its song corpora, e.g. corpora: {en: {language: [en, en-us], "
+                             "singers: 12, songs: 160}, es: {language: [es, es-419], text: syllables, singers: 8, "
+                             "songs: 80}}")
+        for name, c in self.corpora.items():
+            if not _FOLDER_NAME.match(name):
+                raise ValueError(f"corpora: {name!r} cannot name a folder of the output: use letters, digits, _ . -")
+            assert isinstance(c, SongCorpus)  # _song_corpora_named sends every corpus of layout songs there
+            try:
+                choose_singers(c.singers, 0, c.language, c.pitches, c.speeds)
+            except ValueError as e:
+                raise ValueError(f"corpora.{name}.singers={c.singers}: {e}; add languages, pitches or speeds") from None
+        if not 0 < self.tempo[0] <= self.tempo[1]:
+            raise ValueError(f"tempo={list(self.tempo)}: give [min, max] beats per minute with 0 < min <= max")
+        return self
+
     def _check_vc(self) -> EspeakGenerator:
         if not self.corpora:
             raise ValueError("corpora: layout vc needs its training corpora, e.g. corpora: {vctk: {language: [en], "
                              "voices: 16, sentences: 60, utterances_per_voice: 20}}")
+        for name, c in self.corpora.items():
+            if isinstance(c, SongCorpus):
+                raise ValueError(f"corpora.{name}: a song corpus (singers, songs) in layout vc: use layout: songs, or "
+                                 "give it voices, sentences and utterances_per_voice")
         for name in self.corpora:
             if not _FOLDER_NAME.match(name) or name in _VC_RESERVED:
                 raise ValueError(f"corpora: {name!r} cannot name a folder of the output: use letters, digits, _ . - "
@@ -313,7 +409,9 @@ class PrepConfig(_Strict):
         if self.generator is not None:
             if self.raw_dir is None:
                 raise ValueError("raw_dir: the espeak generator needs a folder for its wavs")
-            if self.splits is not None:
+            if self.generator.layout == "songs":
+                self._check_songs()
+            elif self.splits is not None:
                 raise ValueError("splits: the espeak generator makes its own train/dev_speech/dev splits")
             if self.sample_rate is None:
                 self.sample_rate = 16000
@@ -333,6 +431,19 @@ class PrepConfig(_Strict):
             if name == "resample" and "sample_rate" not in params and self.sample_rate is None:
                 raise ValueError("steps: resample needs sample_rate (top level) or {resample: {sample_rate: N}}")
         return self
+
+    def _check_songs(self) -> None:
+        if self.splits is None:
+            raise ValueError("splits: layout songs cuts each corpus by singer, e.g. splits: {ratios: {dev: 0.2}, "
+                             "by: speaker, seed: 0}")
+        if self.splits.by != "speaker":
+            raise ValueError(f"splits.by={self.splits.by!r}: layout songs splits by singer (by: speaker), so that no "
+                             "dev singer sings in train")
+        cutting = [n for n in (_step(spec)[0] for spec in self.steps) if n in CUTTING_STEPS]
+        if cutting:
+            raise ValueError(f"steps: {cutting} cut every audio column where they cut the song, and its prompt (the "
+                             "audio column prompt) has its own length: drop them for layout songs, e.g. steps: "
+                             "[resample, normalize]")
 
     def step_list(self) -> list[tuple[str, dict[str, Any]]]:
         """[(name, params)], the resample step's rate filled from ``sample_rate``; a generator corpus is
@@ -388,10 +499,12 @@ def load_prep_config(path: str | Path, overrides: dict | None = None) -> PrepCon
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"])
+            loc = tuple(p for i, p in enumerate(err["loc"])  # the corpus kind's tag is no key of the YAML
+                        if not (i >= 2 and err["loc"][i - 2] == "corpora" and p in _CORPUS_TAGS))
+            key = ".".join(str(p) for p in loc)
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
-                near = difflib.get_close_matches(str(err["loc"][-1]), _fields_at(PrepConfig, err["loc"]), n=1)
+                near = difflib.get_close_matches(str(loc[-1]), _fields_at(PrepConfig, loc), n=1)
                 msg = "unknown key" + (f" (did you mean {near[0]!r}?)" if near else "")
             lines.append(f"  {key}: {msg}" if key else f"  {msg.removeprefix('Value error, ')}")
         raise ValueError(f"invalid prep config {path}:\n" + "\n".join(lines)) from None
@@ -442,6 +555,8 @@ def run_prep_config(cfg: PrepConfig, *, root: Path | None = None) -> dict:
         splits = _run_generator_asr(cfg, root, out_dir)
     elif cfg.generator.layout == "vc":
         splits = _run_generator_vc(cfg, root, out_dir)
+    elif cfg.generator.layout == "songs":
+        splits = _run_generator_songs(cfg, root, out_dir)
     else:
         splits = _run_generator(cfg, root, out_dir)
     if remote:
@@ -467,7 +582,7 @@ def _run_input(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, dict]:
     spec = cfg.input
     assert spec is not None
     source = _resolve(root, spec.path)
-    items = list_items(spec.format, source, **spec.options)
+    items, audio_columns = with_audio_columns(spec.format, list_items(spec.format, source, **spec.options))
     has_resample = any(n == "resample" for n, _ in cfg.step_list())
     base: dict[str, Any] = {"name": cfg.name, "format": spec.format, "source": str(source)}
     parts = {"": items}
@@ -481,7 +596,7 @@ def _run_input(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, dict]:
         if not part:
             raise ValueError(f"split {split!r} of {source} is empty: give it a larger ratio or use more data")
         _write(part, folder, cfg, "mixtures" if spec.format == "wsj0-2mix" else "speech",
-               list(AUDIO_PATH_COLUMNS[spec.format]), {**base, "split": split or None},
+               audio_columns, {**base, "split": split or None},
                None if has_resample else cfg.sample_rate)
         out[split or folder.name] = _summary(folder, "done", t0)
     return out
@@ -628,7 +743,7 @@ def _run_generator_vc(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, d
             status = "written"
         splits[split] = _summary(out, status, t0)
 
-    for name, c in g.corpora.items():
+    for name, c in g.vc_corpora().items():
         seed = _seed_of(g.seed, name)
         if c.text == "syllables":  # no English word, so no dev word, is a syllable-word
             sentences = make_syllable_sentences(c.sentences, seed, train_slice, exclude=frozenset(vocab),
@@ -674,6 +789,46 @@ def _run_generator_vc(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, d
                           prep=prep, params=params)
             status = "written"
         splits[split] = _summary(out_dir / split, status, t0)
+    return splits
+
+
+def _run_generator_songs(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, dict]:
+    """The ``layout: songs`` corpus: per corpus, ``<raw_dir>/<corpus>/songs.jsonl`` of sung songs
+    (``datasets_prep.sung``), prepared through the JSONL reader (``audio``, ``prompt``, ``line``) and split by
+    singer (``splits``) into ``<corpus>/<split>/``. A corpus whose every split's manifest records the same
+    parameters is skipped: nothing is rendered."""
+    g, sr, spec = cfg.generator, cfg.sample_rate, cfg.splits
+    assert g is not None and sr is not None and spec is not None and cfg.raw_dir is not None
+    raw_dir = _resolve(root, cfg.raw_dir)
+    words = vocabulary(g.words, g.vocabulary_size)
+    chain = {"steps": _described(cfg), "audio_format": cfg.audio_format}
+    splits: dict[str, dict] = {}
+    for name, c in g.song_corpora().items():
+        t0 = time.perf_counter()
+        seed = _seed_of(g.seed, name)
+        singers = choose_singers(c.singers, seed, c.language, c.pitches, c.speeds)
+        vocab = syllable_vocabulary(exclude=frozenset(words)) if c.text == "syllables" else words
+        base = {"name": cfg.name, "layout": "songs", "sample_rate": sr, "rows_per_shard": cfg.rows_per_shard,
+                "corpus": name, "songs": song_params(singers, c.songs, seed, vocab, g.duration_sec, g.prompt_sec, sr,
+                                                     g.tempo),
+                "split_by": spec.model_dump(mode="json")}
+        folders = {split: out_dir / name / split for split in sorted(spec.ratios, key=lambda s: s != "train")}
+        if all(_up_to_date(f, {**base, "split": split, **chain}) for split, f in folders.items()):
+            splits.update({f"{name}/{split}": _summary(f, "up to date", t0) for split, f in folders.items()})
+            continue
+        manifest = write_sung_corpus(raw_dir / name, name=name, singers=singers, songs=c.songs, seed=seed, vocab=vocab,
+                                     duration_sec=g.duration_sec, prompt_sec=g.prompt_sec, sample_rate=sr, bpm=g.tempo,
+                                     workers=g.workers)
+        items, audio_columns = with_audio_columns("jsonl", list_items("jsonl", manifest))
+        parts = split_items(items, spec.ratios, by="speaker", seed=spec.seed)
+        for split in folders:
+            part = parts[split]
+            if not part:
+                raise ValueError(f"corpora.{name}: split {split!r} got none of its {c.singers} singers: raise singers "
+                                 f"or the split's ratio in splits.ratios")
+            _write(part, folders[split], cfg, "songs", audio_columns, {**base, "split": split}, None)
+            splits[f"{name}/{split}"] = _summary(folders[split], "written", t0)
+            t0 = time.perf_counter()
     return splits
 
 

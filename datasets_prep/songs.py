@@ -17,6 +17,9 @@ Sketch files come in the formats song code reads (``sketch_format``): ``pt`` (a 
 (``{"sketch": tensor}``), ``npy``, ``npz``, or ``mixed`` (each song the next of the four). Every file
 is written to a temporary name and renamed; the manifest is written last, so an interrupted run leaves
 no manifest that names a missing file. The same arguments write the same bytes.
+
+The parts (``draw_key``, ``add_tones``, ``add_bass``, ``add_hihat``) also accompany the sung songs of
+``datasets_prep.sung`` (the ``songs`` layout of ``raytrain prep``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,45 +66,118 @@ def _sketch_bytes(tokens: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def render_song(rng: np.random.Generator, seconds: float, sample_rate: int, sketch_fps: float
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """(waveform float32 of ``seconds``, sketch tokens int64 at ``sketch_fps`` over the same time)."""
+@dataclass(frozen=True)
+class Key:
+    """A song's key and tempo."""
+
+    scale: tuple[int, ...]  # semitones of the scale's degrees above its root (``SCALES``)
+    root: int  # MIDI note of the scale's root
+    beat: float  # seconds per beat
+
+    def midi(self, degree: int) -> int:
+        """The MIDI note of scale ``degree`` (0: the root; 7 the root an octave up, -1 the degree below the root)."""
+        octave, step = divmod(degree, len(self.scale))
+        return self.root + 12 * octave + self.scale[step]
+
+
+@dataclass(frozen=True)
+class Note:
+    """One note of a part: ``midi`` None is a rest."""
+
+    start: float  # seconds
+    dur: float  # seconds
+    midi: int | None
+
+
+def hz(midi: float) -> float:
+    return 440.0 * 2 ** ((midi - 69) / 12)
+
+
+def draw_key(rng: np.random.Generator, bpm: tuple[float, float] = (80.0, 140.0), roots: tuple[int, int] = (48, 60)
+             ) -> Key:
+    """A major or minor scale on a root in ``[roots[0], roots[1])`` at a tempo in ``bpm``."""
     scale = SCALES["major" if rng.random() < 0.5 else "minor"]
-    root = 48 + int(rng.integers(0, 12))  # MIDI note of the scale's root (C3 .. B3)
-    beat = 60.0 / float(rng.uniform(80, 140))
-    harmonics = rng.uniform(0.2, 0.7, size=3) ** np.arange(1, 4)  # the melody's timbre
-    n = int(round(seconds * sample_rate))
+    root = roots[0] + int(rng.integers(0, roots[1] - roots[0]))
+    return Key(scale, root, 60.0 / float(rng.uniform(*bpm)))
+
+
+def draw_harmonics(rng: np.random.Generator) -> np.ndarray:
+    """Amplitudes of a tone's first three harmonics: a timbre."""
+    return rng.uniform(0.2, 0.7, size=3) ** np.arange(1, 4)
+
+
+def add_tones(wave: np.ndarray, notes: list[Note], harmonics: np.ndarray, sample_rate: int,
+              gain: float = 0.3) -> None:
+    """Add ``notes`` to ``wave`` (float64 (T,), in place): harmonics under a decaying envelope."""
+    n = len(wave)
     t_all = np.arange(n) / sample_rate
-    wave = np.zeros(n, dtype=np.float64)
-    frames = int(round(seconds * sketch_fps))
-    tokens = np.zeros(frames, dtype=np.int64)
-    t = 0.0
-    while t < seconds:
-        dur = beat * float(rng.choice([0.5, 1.0, 1.0, 2.0]))
-        start, end = int(t * sample_rate), min(n, int((t + dur) * sample_rate))
-        if rng.random() > 0.1:  # else a rest
-            octave, degree = int(rng.integers(0, OCTAVES)), int(rng.integers(0, len(scale)))
-            freq = 440.0 * 2 ** ((root + 12 + 12 * octave + scale[degree] - 69) / 12)
-            tt = t_all[start:end] - t
-            env = np.exp(-3.0 * tt / dur) * np.minimum(1.0, tt / 0.01)
-            wave[start:end] += 0.3 * env * sum(a * np.sin(2 * np.pi * freq * (k + 1) * tt)
-                                               for k, a in enumerate(harmonics))
-            f0, f1 = int(np.ceil(t * sketch_fps)), min(frames, int(np.ceil((t + dur) * sketch_fps)))
-            tokens[f0:f1] = 1 + octave * len(scale) + degree
-        t += dur
+    for note in notes:
+        start, end = int(note.start * sample_rate), min(n, int((note.start + note.dur) * sample_rate))
+        if note.midi is None or start >= end:
+            continue
+        freq = hz(note.midi)
+        tt = t_all[start:end] - note.start
+        env = np.exp(-3.0 * tt / note.dur) * np.minimum(1.0, tt / 0.01)
+        wave[start:end] += gain * env * sum(a * np.sin(2 * np.pi * freq * (k + 1) * tt)
+                                            for k, a in enumerate(harmonics))
+
+
+def add_bass(wave: np.ndarray, root: int, beat: float, sample_rate: int, gain: float = 0.2) -> None:
+    """Add a bass note a bar (4 beats) to ``wave`` (in place), on MIDI ``root`` and its fifth in turn."""
+    n = len(wave)
+    seconds = n / sample_rate
+    t_all = np.arange(n) / sample_rate
     bar = 4 * beat
-    for b in range(int(np.ceil(seconds / bar))):  # a bass note a bar, on the scale's root or fifth
+    for b in range(int(np.ceil(seconds / bar))):
         start, end = int(b * bar * sample_rate), min(n, int((b + 1) * bar * sample_rate))
-        freq = 440.0 * 2 ** ((root - 12 + (0 if b % 2 == 0 else 7) - 69) / 12)
+        freq = hz(root + (0 if b % 2 == 0 else 7))
         tt = t_all[start:end] - b * bar
-        wave[start:end] += 0.2 * np.exp(-1.5 * tt / bar) * np.sin(2 * np.pi * freq * tt)
+        wave[start:end] += gain * np.exp(-1.5 * tt / bar) * np.sin(2 * np.pi * freq * tt)
+
+
+def add_hihat(wave: np.ndarray, rng: np.random.Generator, beat: float, sample_rate: int, gain: float = 0.05) -> None:
+    """Add a hi-hat of filtered noise on every beat to ``wave`` (in place)."""
+    n = len(wave)
     hat = int(0.03 * sample_rate)
-    for k in range(int(np.ceil(seconds / beat))):  # a hi-hat of filtered noise on every beat
+    for k in range(int(np.ceil(n / sample_rate / beat))):
         start = int(k * beat * sample_rate)
         end = min(n, start + hat)
         if start < end:
             noise = np.diff(rng.standard_normal(end - start + 1))
-            wave[start:end] += 0.05 * noise * np.exp(-np.arange(end - start) / (0.2 * hat))
+            wave[start:end] += gain * noise * np.exp(-np.arange(end - start) / (0.2 * hat))
+
+
+def _draw_melody(rng: np.random.Generator, key: Key, seconds: float) -> list[tuple[Note, int]]:
+    """(note, sketch token) pairs over ``seconds``: a tenth of them rests (token 0)."""
+    out = []
+    t = 0.0
+    while t < seconds:
+        dur = key.beat * float(rng.choice([0.5, 1.0, 1.0, 2.0]))
+        if rng.random() > 0.1:  # else a rest
+            octave, degree = int(rng.integers(0, OCTAVES)), int(rng.integers(0, len(key.scale)))
+            out.append((Note(t, dur, key.midi(len(key.scale) * (octave + 1) + degree)),
+                        1 + octave * len(key.scale) + degree))
+        else:
+            out.append((Note(t, dur, None), 0))
+        t += dur
+    return out
+
+
+def render_song(rng: np.random.Generator, seconds: float, sample_rate: int, sketch_fps: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(waveform float32 of ``seconds``, sketch tokens int64 at ``sketch_fps`` over the same time)."""
+    key = draw_key(rng)
+    harmonics = draw_harmonics(rng)  # the melody's timbre
+    melody = _draw_melody(rng, key, seconds)
+    wave = np.zeros(int(round(seconds * sample_rate)), dtype=np.float64)
+    add_tones(wave, [note for note, _ in melody], harmonics, sample_rate)
+    frames = int(round(seconds * sketch_fps))
+    tokens = np.zeros(frames, dtype=np.int64)
+    for note, token in melody:
+        f0, f1 = int(np.ceil(note.start * sketch_fps)), min(frames, int(np.ceil((note.start + note.dur) * sketch_fps)))
+        tokens[f0:f1] = token
+    add_bass(wave, key.root - 12, key.beat, sample_rate)
+    add_hihat(wave, rng, key.beat, sample_rate)
     peak = float(np.abs(wave).max()) or 1.0
     return (0.6 * wave / peak).astype(np.float32), tokens
 

@@ -107,7 +107,9 @@ def load_generator(source: str | Path, phase: str | None, adapter: str | Path | 
 @torch.no_grad()
 def generate(generator: MusicGenerator, ae: MusicAE, lyrics: str, prompt: np.ndarray,
              sketch: np.ndarray | None = None, seconds: float = DEFAULT_SECONDS) -> np.ndarray:
-    """A waveform at the autoencoder's rate."""
+    """A waveform at the autoencoder's rate; the same inputs give the same waveform (Griffin-Lim starts from
+    seeded random phases)."""
+    torch.manual_seed(0)
     emb = ae.prompt_embedding(torch.from_numpy(prompt)[None], torch.tensor([len(prompt)]))
     batch: dict[str, Any] = {"lyrics": torch.from_numpy(lyrics_ids(lyrics))[None], "prompt_emb": emb}
     if sketch is not None:

@@ -186,8 +186,8 @@ class PipelineRunner:
 
     def _finish_phase(self, phase: Any, entry: PhaseEntry, run_id: str | None) -> None:
         """Gates on the phase's final metrics, the model in MLflow, the phase's status."""
-        entry.gates = [check_gate(g, entry.final_metrics, self.summary.phases.get(g.relative_to)
-                                  if g.relative_to else None) for g in getattr(phase, "gates", [])]
+        entry.gates = [check_gate(g, entry.final_metrics, self.summary.phases.get(g.reference_phase)
+                                  if g.reference_phase else None) for g in getattr(phase, "gates", [])]
         if entry.best_checkpoint:
             self.tracker.artifact(run_id, entry.best_checkpoint, "checkpoint")
         failed = [g for g in entry.gates if not g.passed]
@@ -273,15 +273,20 @@ class PipelineRunner:
 
 def check_gate(gate: Any, metrics: dict[str, float], reference: PhaseEntry | None = None) -> GateResult:
     """A gate against a phase's final metrics (a metric the phase did not report fails it); a relative gate
-    against the difference from `reference`'s (its `relative_to` phase's entry)."""
+    against the difference from `reference`'s (its `relative_to` phase's entry), a ratio gate against the
+    ratio to it (`ratio_to`; a reference of 0 fails it)."""
     value = metrics.get(gate.metric)
     ref = None
-    if gate.relative_to is not None:
+    ratio_to = getattr(gate, "ratio_to", None)
+    if gate.relative_to is not None or ratio_to is not None:
         ref = (reference.final_metrics or {}).get(gate.metric) if reference is not None else None
-        value = None if value is None or ref is None else value - ref
+        if value is None or ref is None:
+            value = None
+        else:
+            value = value - ref if gate.relative_to is not None else value / ref if ref else None
     ok = value is not None and (gate.min is None or value >= gate.min) and (gate.max is None or value <= gate.max)
     return GateResult(metric=gate.metric, value=value, min=gate.min, max=gate.max, relative_to=gate.relative_to,
-                      reference=ref, passed=ok)
+                      ratio_to=ratio_to, reference=ref, passed=ok)
 
 
 def gate_text(g: GateResult) -> str:
@@ -289,9 +294,10 @@ def gate_text(g: GateResult) -> str:
     need = " and ".join(x for x in (f">= {g.min}" if g.min is not None else "",
                                     f"<= {g.max}" if g.max is not None else "") if x)
     value = "missing" if g.value is None else f"{g.value:.4g}"
-    if g.relative_to is not None:  # eval/secs - phase2's 0.79 = -0.12 (needs >= -0.03)
+    if g.relative_to is not None or g.ratio_to is not None:  # eval/secs - phase2's 0.79 = -0.12 (needs >= -0.03)
         ref = "missing" if g.reference is None else f"{g.reference:.4g}"
-        return f"{g.metric} - {g.relative_to}'s {ref} = {value} (needs {need})" + ("" if g.passed else " FAILED")
+        op, other = ("-", g.relative_to) if g.relative_to is not None else ("/", g.ratio_to)
+        return f"{g.metric} {op} {other}'s {ref} = {value} (needs {need})" + ("" if g.passed else " FAILED")
     return f"{g.metric} = {value} (needs {need})" + ("" if g.passed else " FAILED")
 
 

@@ -139,9 +139,10 @@ def check_pipeline(pipe: PipelineConfig, *, require_data: bool = False) -> list[
                 problems.append(f"{where}.gates: metric {g.metric!r} should be 'eval/<name>' or 'train/<name>'")
             elif g.metric.startswith("eval/") and not getattr(phase, "eval", None):
                 problems.append(f"{where}.gates: {g.metric!r} needs an 'eval' dataset in this phase")
-            if g.relative_to is not None and g.relative_to not in seen:
-                problems.append(f"{where}.gates: relative_to {g.relative_to!r} is not an earlier phase "
-                                f"(earlier phases: {', '.join(seen) or 'none'})")
+            for key, other in (("relative_to", g.relative_to), ("ratio_to", g.ratio_to)):
+                if other is not None and other not in seen:
+                    problems.append(f"{where}.gates: {key} {other!r} is not an earlier phase "
+                                    f"(earlier phases: {', '.join(seen) or 'none'})")
         # weights it loads: init_from, a teacher, ...
         names = [p.name for p in pipe.phases]
         for key, source in needs.weights:
@@ -236,7 +237,7 @@ def fmt_count(n: int) -> str:
 def _gate_text(g: Any) -> str:
     lo = f">={g.min:g}" if g.min is not None else ""
     hi = f"<={g.max:g}" if g.max is not None else ""
-    rel = f" - {g.relative_to}'s" if g.relative_to else ""
+    rel = f" - {g.relative_to}'s" if g.relative_to else f" / {g.ratio_to}'s" if g.ratio_to else ""
     return f"{g.metric}{rel} {' '.join(x for x in (lo, hi) if x)}"
 
 

@@ -34,13 +34,15 @@ class GateResult(_Model):
     min: float | None = None
     max: float | None = None
     relative_to: str | None = None
-    reference: float | None = Field(None, description="relative_to's value of the metric")
+    ratio_to: str | None = None
+    reference: float | None = Field(None, description="relative_to's (ratio_to's) value of the metric")
     passed: bool
 
     @property
     def key(self) -> str:
-        """`eval/secs`, or `eval/secs-phase2` for a gate relative to phase2."""
-        return self.metric + (f"-{self.relative_to}" if self.relative_to else "")
+        """`eval/secs`, or `eval/secs-phase2` for a gate relative to phase2 (`eval/mse/base` for a ratio)."""
+        return self.metric + (f"-{self.relative_to}" if self.relative_to else f"/{self.ratio_to}" if self.ratio_to
+                              else "")
 
 
 class RegisteredModel(_Model):

@@ -12,7 +12,9 @@ Formats:
   in a per-speaker text file such as ``<root>/<speaker>/transcripts.txt``; a ``<utt>.phn``
   beside the audio becomes a ``phonemes`` column.
 - ``jsonl``         one JSON object per line: ``idx, audio_path, lyrics, prompt_wav,
-  sketch_path`` plus any extra fields (kept as columns); paths relative to the manifest.
+  sketch_path`` plus any extra fields (kept as columns); paths relative to the manifest. When
+  every row has a ``prompt_wav``, the prompts are loaded too, as the audio column ``prompt``
+  (``with_audio_columns``); each row's line number becomes the int column ``line``.
 - ``tsv``           fairseq/StreamSpeech: a header ``id audio n_frames tgt_text speaker``;
   paths relative to the manifest.
 - ``wsj0-2mix``     ``<root>/mix/``, ``<root>/s1/``, ``<root>/s2/`` holding the same names.
@@ -118,7 +120,9 @@ def _resolve(base: Path, value: Any, where: str) -> str:
 
 
 JSONL_PATH_FIELDS = ("prompt_wav", "sketch_path")  # optional path fields resolved like audio_path
-LINE_KEY = "_manifest_line"  # an item's "<manifest>:<line>", for its reject; not written as a column
+LINE_KEY = "_manifest_line"  # an item's "<manifest>:<line>", for its reject; stored as the int column LINE_COLUMN
+LINE_COLUMN = "line"
+PROMPT_COLUMN = "prompt"  # the audio loaded from prompt_wav (a song's style prompt: a signal of its own length)
 
 
 def list_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -146,6 +150,9 @@ def _jsonl_rows(path: Path) -> Any:
             raise ReaderError(f"{where}: expected a JSON object, got {type(row).__name__}")
         if "audio_path" not in row:
             raise ReaderError(f"{where}: missing 'audio_path' (fields: {sorted(row)})")
+        if LINE_COLUMN in row:
+            raise ReaderError(f"{where}: the field {LINE_COLUMN!r} is raytrain's (each row's line number in the "
+                              "manifest is stored under it): rename the field")
         item = {k: v for k, v in row.items() if k not in ("idx", "audio_path", "lyrics")}
         item["id"] = str(row.get("idx", lineno - 1))
         item["audio"] = _resolve(base, row["audio_path"], f"{where} audio_path")
@@ -156,6 +163,34 @@ def _jsonl_rows(path: Path) -> Any:
             if row.get(field):
                 item[field] = _resolve(base, row[field], f"{where} {field}")
         yield where, item
+
+
+def line_number(item: dict[str, Any]) -> int | None:
+    """The manifest line an item was read from (``LINE_KEY``), None for an item of another reader."""
+    where = item.get(LINE_KEY)
+    return int(str(where).rsplit(":", 1)[1]) if where else None
+
+
+def with_audio_columns(fmt: str, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(items, their audio columns): ``AUDIO_PATH_COLUMNS[fmt]``, and for a JSONL corpus whose every row has a
+    ``prompt_wav``, also ``prompt`` (each item's ``prompt`` set to that path; ``prompt_wav`` stays a string
+    column). When only some rows have one, the prompts stay paths, and a note says so."""
+    columns = list(AUDIO_PATH_COLUMNS[fmt])
+    if fmt != "jsonl":
+        return items, columns
+    having = sum(bool(it.get("prompt_wav")) for it in items)
+    if having and having < len(items):
+        first = next(it for it in items if not it.get("prompt_wav"))
+        print(f"note: {having} of {len(items)} rows have a prompt_wav ({first.get(LINE_KEY)} has none): prompts stay "
+              "paths in the string column prompt_wav; give every row one to load them as the audio column "
+              f"{PROMPT_COLUMN!r}")
+    if not items or having < len(items):
+        return items, columns
+    for it in items:
+        if PROMPT_COLUMN in it:
+            raise ReaderError(f"{it.get(LINE_KEY)}: the field {PROMPT_COLUMN!r} would be replaced by the audio loaded "
+                              "from prompt_wav: rename the field")
+    return [{**it, PROMPT_COLUMN: it["prompt_wav"]} for it in items], [*columns, PROMPT_COLUMN]
 
 
 TSV_COLUMNS = ("id", "audio", "n_frames", "tgt_text", "speaker")

@@ -4,6 +4,9 @@ A step maps one loaded row (audio columns as float32 waveforms, ``sample_rate``,
 to a list of rows: one, several (``segment``) or raises ``Reject``. Rows with several audio
 columns (wsj0-2mix: ``mix``, ``s1``, ``s2``) are treated as one signal: gains, trims and
 cut points come from the first column and apply to all, so ``mix == s1 + s2`` still holds.
+A ``prompt`` column (a song's style prompt, JSONL ``prompt_wav``) is a signal of its own length:
+resample and normalize (with the first column's gain) treat it like the others, and the steps that
+cut (``vad_trim``, ``segment``) refuse a chain holding one.
 Each step's parameters are a pydantic model; the chain records them in the manifest.
 """
 
@@ -263,12 +266,22 @@ STEPS: dict[str, tuple[type[StepParams], Any]] = {
 }
 
 
+SEPARATE_COLUMNS = ("prompt",)  # audio columns of their own length, not cut with the first one
+CUTTING_STEPS = ("vad_trim", "segment")  # cut every audio column at the first one's points
+
+
 class Chain:
     """An ordered list of configured steps; ``__call__(row)`` -> rows (or raises ``Reject``)."""
 
     def __init__(self, steps: list[tuple[str, dict[str, Any]]], audio_columns: list[str]) -> None:
         self.audio_columns = list(audio_columns)
         self.steps: list[tuple[str, StepParams, Any]] = []
+        separate = [c for c in self.audio_columns[1:] if c in SEPARATE_COLUMNS]
+        cutting = [name for name, _ in steps if name in CUTTING_STEPS]
+        if separate and cutting:
+            raise ValueError(f"steps {cutting} cut every audio column where they cut {self.audio_columns[0]!r}, but "
+                             f"{separate[0]!r} (from prompt_wav) is a signal of its own length: drop {cutting} for "
+                             "this corpus (trim or cut the songs and their prompts before prep)")
         for name, params in steps:
             if name not in STEPS:
                 raise ValueError(f"unknown prep step {name!r}; use some of {list(STEPS)}")

@@ -109,12 +109,20 @@ class GateConfig(Strict):
     min: float | None = None
     max: float | None = None
     relative_to: str | None = None
+    ratio_to: str | None = Field(None, description="an earlier phase: the bound is on the ratio to its value "
+                                 "(max: 0.75 is 25% below it)")
 
     @model_validator(mode="after")
     def _bound(self) -> GateConfig:
         if self.min is None and self.max is None:
             raise ValueError(f"gate on {self.metric!r} needs 'min' or 'max'")
+        if self.relative_to is not None and self.ratio_to is not None:
+            raise ValueError(f"gate on {self.metric!r}: give relative_to (a difference) or ratio_to (a ratio), not both")
         return self
+
+    @property
+    def reference_phase(self) -> str | None:
+        return self.relative_to or self.ratio_to
 
 
 class TransformConfig(Strict):

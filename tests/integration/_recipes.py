@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ASR_TINY_MODEL = {"d_model": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 2, "n_mels": 40}
 VC_TINY_MODEL = {"hidden": 16, "layers": 2, "content_hidden": 16, "content_layers": 1, "content_dim": 8,
                  "griffin_lim_iters": 4}
+MUSIC_TINY_MODEL = {"d_model": 32, "layers": 1, "text_layers": 1, "heads": 2, "ff": 64}
 
 # Per recipe: prep overrides that shrink its corpus, pipeline overrides beyond the cut steps (a smaller
 # model, a gate the cut run cannot be held to), and the steps every train phase is cut to.
@@ -60,6 +61,17 @@ RECIPES: dict[str, dict[str, Any]] = {
            "phases.phase2.gates=[{metric: eval/secs_gain, min: -2.0}, {metric: eval/mcd_ratio, max: 100.0}]",
            "phases.phase2_rooms.gates=[{metric: eval/secs, min: -2.0, relative_to: phase1b_rooms}]",
            "phases.distill_b.gates=[{metric: eval/secs, min: -2.0, relative_to: phase2}]"],
+        "steps": 4,
+    },
+    "music_lora_tiny": {
+        "prep": {**{f"generator.corpora.{c}.{k}": v for c in ("en", "es") for k, v in (("singers", 5), ("songs", 10))},
+                 "generator.duration_sec": 3.0, "generator.prompt_sec": 2.0, "rows_per_shard": 8, "workers": 0,
+                 "generator.workers": 1},
+        "overrides": [f"model.args.{k}={v}" for k, v in MUSIC_TINY_MODEL.items()]
+        + [f"phases.{p}.model.args.hidden=16" for p in ("autoencoder", "latents")]
+        + ["defaults.batch_size=4", "defaults.eval_batch_size=4", "defaults.shuffle_buffer=16",
+           "phases.latents.batch_size=4", "phases.sketch.batch_size=4",
+           "phases.lora_ft.gates=[{metric: eval/latent_mse, max: 100.0, ratio_to: base_es}]"],
         "steps": 4,
     },
 }

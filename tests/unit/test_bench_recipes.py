@@ -30,3 +30,14 @@ def test_a_row_passes_only_with_every_bar_met_and_a_clean_exit() -> None:
     row = score("streaming_asr_tiny", 1, 100.0, 5.0, stopped)
     assert not row["passed"] and row["bars"][1]["value"] is None
     assert not score("separation_tiny", 1, 100.0, 5.0, _summary(long={"eval/si_sdri": 6.0}))["passed"]
+
+
+def test_a_ratio_bar_divides_by_the_other_phase_and_a_slow_run_fails() -> None:
+    bar = Bar("lora_ft", "eval/latent_mse", max=0.75, ratio_to="base_es")
+    phases = _summary(base_es={"eval/latent_mse": 0.2}, lora_ft={"eval/latent_mse": 0.14})["phases"]
+    assert abs(bar.value(phases) - 0.7) < 1e-12 and bar.met(bar.value(phases)) and "base_es" in bar.text()
+    worse = _summary(base_es={"eval/latent_mse": 0.2}, lora_ft={"eval/latent_mse": 0.16})["phases"]
+    assert not bar.met(bar.value(worse))
+    good = _summary(base_es={"eval/latent_mse": 0.2}, lora_ft={"eval/latent_mse": 0.1})
+    assert score("music_lora_tiny", 0, 1100.0, 5.0, good)["passed"]
+    assert not score("music_lora_tiny", 0, 1300.0, 5.0, good)["passed"]  # over its 20 minutes

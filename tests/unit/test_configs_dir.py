@@ -50,7 +50,7 @@ def test_the_bench_bars_are_the_gates_of_the_committed_tiny_configs() -> None:
         assert {p.name for p in gated} == {b.phase for b in bars}, name
         for phase in gated:
             mine = [b for b in bars if b.phase == phase.name]
-            assert [(g.metric, g.min, g.max, g.relative_to) for g in phase.gates] == [
-                (b.metric, b.min, b.max, b.relative_to) for b in mine], (name, phase.name)
+            assert [(g.metric, g.min, g.max, g.relative_to, g.ratio_to) for g in phase.gates] == [
+                (b.metric, b.min, b.max, b.relative_to, b.ratio_to) for b in mine], (name, phase.name)
             for bar in mine:  # a metric of the phase's own (secs_gain: of secs; mcd_ratio: of mcd)
                 assert any(bar.metric.removeprefix("eval/").startswith(m.split("_")[0]) for m in phase.metrics), bar

@@ -358,3 +358,61 @@ def test_manifest_declares_each_columns_role_for_the_training_side(tmp_path: Pat
     assert cols["mel"] == ColumnSpec.features(frame_rate=50.0, dims=20)
     assert {n: s.role for n, s in cols.items() if n in ("id", "speaker", "text", "num_samples")} == {
         "id": "id", "speaker": "label", "text": "text", "num_samples": "meta"}
+
+
+def test_jsonl_prompts_are_loaded_as_audio_of_their_own_length_and_rows_keep_their_line(tmp_path: Path) -> None:
+    from datasets_prep.columns import ColumnSpec, manifest_columns
+    from datasets_prep.readers.manifests import with_audio_columns
+
+    raw = tmp_path / "raw"
+    rows = []
+    for k in range(4):
+        _tone(raw / "audio" / f"s{k}.wav", 1.0 + 0.25 * k, sr=22050)
+        if k != 2:  # line 4 (after a blank line) names a prompt that is not there
+            _tone(raw / "prompts" / f"p{k}.wav", 0.5 + 0.1 * k, sr=22050, freq=300)
+        rows.append({"idx": f"s{k}", "audio_path": f"audio/s{k}.wav", "lyrics": f"[verse] la {k}",
+                     "prompt_wav": f"prompts/p{k}.wav", "speaker": "ann"})
+    manifest = raw / "songs.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" + ("\n" if k == 1 else "") for k, r in enumerate(rows)))
+    items, columns = with_audio_columns("jsonl", list_items("jsonl", manifest))
+    assert columns == ["audio", "prompt"] and items[0]["prompt"] == items[0]["prompt_wav"]
+    man = prepare_items(items, tmp_path / "out", kind="songs", audio_columns=columns, workers=0,
+                        steps=[("resample", {"sample_rate": SR}), ("normalize", {})])
+    assert man["rows"] == 3 and man["audio_columns"] == ["audio", "prompt"]
+    cols = manifest_columns(read_manifest(tmp_path / "out"))
+    assert cols["prompt"] == cols["audio"] == ColumnSpec.audio(SR)
+    assert cols["line"] == ColumnSpec.meta() and man["columns"]["line"] == "int64"
+    assert cols["prompt_wav"].role == "meta"  # the path stays, as a string
+    (reject,) = pq.read_table(tmp_path / "out" / REJECTS_NAME).to_pylist()
+    assert reject["id"] == "s2" and reject["source"] == f"{manifest}:4"
+    assert reject["reason"] == f"file not found: {(raw / 'prompts' / 'p2.wav').resolve()}"
+    out = {r["id"]: r for r in _shard_rows(tmp_path / "out", man)}
+    assert {k: r["line"] for k, r in out.items()} == {"s0": 1, "s1": 2, "s3": 5}
+    for k, r in out.items():
+        n = int(k[1])
+        audio, prompt = decode_audio(r["audio"], "pcm_s16le"), decode_audio(r["prompt"], "pcm_s16le")
+        assert (len(audio), len(prompt)) == (int((1.0 + 0.25 * n) * SR), int((0.5 + 0.1 * n) * SR))
+        assert r["num_samples"] == len(audio) and abs(np.abs(audio).max() - 10 ** (-1 / 20)) < 1e-3
+        assert np.abs(prompt).max() == pytest.approx(np.abs(audio).max(), abs=1e-3)  # the song's gain: same level
+
+
+def test_steps_that_cut_refuse_a_prompt_column_and_a_partial_prompt_set_stays_paths(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from datasets_prep.readers.manifests import with_audio_columns
+
+    raw = tmp_path / "raw"
+    for k in range(2):
+        _tone(raw / f"s{k}.wav", 0.5)
+        _tone(raw / f"p{k}.wav", 0.25)
+    both = _jsonl(raw / "m.jsonl", [{"idx": k, "audio_path": f"s{k}.wav", "prompt_wav": f"p{k}.wav"} for k in range(2)])
+    items, columns = with_audio_columns("jsonl", list_items("jsonl", both))
+    for step in ("vad_trim", "segment"):
+        with pytest.raises(ValueError, match=rf"steps \['{step}'\] cut every audio column where they cut 'audio', but "
+                                             r"'prompt' \(from prompt_wav\) is a signal of its own length: drop"):
+            prepare_items(items, tmp_path / "out", kind="songs", audio_columns=columns, steps=[(step, {})], workers=0)
+    assert not (tmp_path / "out").exists()  # refused before the folder is touched
+    one = _jsonl(raw / "one.jsonl", [{"idx": 0, "audio_path": "s0.wav", "prompt_wav": "p0.wav"},
+                                     {"idx": 1, "audio_path": "s1.wav"}])
+    items, columns = with_audio_columns("jsonl", list_items("jsonl", one))
+    assert columns == ["audio"] and "prompt" not in items[0]
+    assert f"1 of 2 rows have a prompt_wav ({one}:2 has none)" in capsys.readouterr().out

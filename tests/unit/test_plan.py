@@ -269,6 +269,21 @@ def test_a_relative_gate_bounds_the_difference_from_the_other_phase() -> None:
     assert not missing.passed and "teacher's missing = missing" in gate_text(missing)
 
 
+def test_a_ratio_gate_bounds_the_ratio_to_the_other_phase() -> None:
+    from raytrain.config.schema import GateConfig
+    from raytrain.pipeline import check_gate, gate_text
+    from raytrain.runs import PhaseEntry
+
+    gate = GateConfig(metric="eval/latent_mse", max=0.75, ratio_to="base")
+    base = PhaseEntry(final_metrics={"eval/latent_mse": 0.2})
+    ok, high = check_gate(gate, {"eval/latent_mse": 0.1}, base), check_gate(gate, {"eval/latent_mse": 0.18}, base)
+    assert ok.passed and ok.value == pytest.approx(0.5) and ok.reference == 0.2 and ok.key == "eval/latent_mse/base"
+    assert not high.passed and gate_text(high) == "eval/latent_mse / base's 0.2 = 0.9 (needs <= 0.75) FAILED"
+    assert not check_gate(gate, {"eval/latent_mse": 0.1}, PhaseEntry(final_metrics={"eval/latent_mse": 0.0})).passed
+    with pytest.raises(ValueError, match="not both"):
+        GateConfig(metric="eval/x", max=1.0, relative_to="a", ratio_to="a")
+
+
 def test_all_problems_are_listed_together(tmp_path) -> None:
     raw = pipeline(tmp_path)
     raw["phases"][0]["freeze"] = ["nope.*"]

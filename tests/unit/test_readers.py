@@ -117,3 +117,20 @@ def test_load_rejects_corrupt_empty_nan_and_wrong_rate_files(tmp_path: Path) -> 
     assert reasons["nan"].startswith("audio holds NaN")
     assert reasons["wrong"].startswith("wrong sample rate 16000 Hz (expected 8000 Hz")
     assert reasons["absent"].startswith("file not found")
+
+
+def test_jsonl_fields_that_would_clash_with_the_line_and_prompt_columns_name_the_line(tmp_path: Path) -> None:
+    from datasets_prep.readers.manifests import with_audio_columns
+
+    _wav(tmp_path / "a.wav")
+    bad = tmp_path / "m.jsonl"
+    bad.write_text('{"idx": 0, "audio_path": "a.wav"}\n{"idx": 1, "audio_path": "a.wav", "line": "la la"}\n')
+    with pytest.raises(ReaderError, match=r"m.jsonl:2: the field 'line' is raytrain's .*: rename the field"):
+        list_items("jsonl", bad)
+    bad.write_text('{"idx": 0, "audio_path": "a.wav", "prompt_wav": "a.wav", "prompt": "a slow song"}\n')
+    items = list_items("jsonl", bad)
+    with pytest.raises(ReaderError, match=r"m.jsonl:1: the field 'prompt' would be replaced by the audio loaded from "
+                                          r"prompt_wav: rename the field"):
+        with_audio_columns("jsonl", items)
+    bad.write_text('{"idx": 0, "audio_path": "a.wav", "prompt": "a slow song"}\n')  # no prompt_wav: a text column
+    assert with_audio_columns("jsonl", list_items("jsonl", bad))[1] == ["audio"]

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from datasets_prep.execute import REJECTS_NAME
-from datasets_prep.shards import decode_tokens, read_manifest, shard_paths
+from datasets_prep.shards import decode_audio, decode_tokens, read_manifest, shard_paths
 from datasets_prep.steps.load import read_tokens
 from raytrain.cli import main
 
@@ -63,8 +63,11 @@ def test_dummy_songs_prepare_with_the_jsonl_reader_and_a_missing_file_names_its_
                  "--output-dir", str(out), "--workers", "0", "--rows-per-shard", "2"]) == 0
     manifest = read_manifest(out)
     assert manifest["rows"] == 3 and manifest["rejects"]["count"] == 1
+    assert manifest["audio_columns"] == ["audio", "prompt"]  # every row has a prompt_wav: loaded as audio
     got = {r["id"]: r for p in shard_paths(out, manifest) for r in pq.read_table(p).to_pylist()}
     assert set(got) == {"song_0000", "song_0001", "song_0003"} and "_manifest_line" not in got["song_0000"]
+    assert [got[k]["line"] for k in sorted(got)] == [1, 2, 4]
+    assert len(decode_audio(got["song_0003"]["prompt"], manifest["audio_format"])) == 8000  # 0.5 s at 16 kHz
     for r in rows:
         if r["idx"] in got:
             row = got[r["idx"]]
