@@ -14,8 +14,9 @@ continuation (same singer, key and tempo, the bars that follow: a style prompt s
   sings at its own ``-p`` (``VoiceSpec.pitch``), so the voice is in tune with the accompaniment.
 - Accompaniment (``songs.add_tones``, ``add_bass``, ``add_hihat``): the melody doubled softly an octave or two
   up, a bass note a bar, a hi-hat on every beat; vocals ``VOCALS_DB`` louder (RMS), the mix peak-normalised.
-- ``songs.jsonl``: ``idx, audio_path, lyrics, prompt_wav, speaker, language`` (paths relative to it), lyrics
-  the words sung in ``audio_path`` in order under their section tags: ``[verse] a b c d [chorus] e f e f``.
+- ``songs.jsonl``: ``idx, audio_path, lyrics, prompt_wav, speaker, language, word_times`` (paths relative to
+  it), lyrics the words sung in ``audio_path`` in order under their section tags: ``[verse] a b c d [chorus] e
+  f e f``; ``word_times`` when each is sung (``"0.000-0.420 0.420-0.850 ..."``, seconds).
 
 Every file is written by temp + rename and the manifest last; ``_songs.json`` records the parameters, so the
 same parameters skip rendering and other ones re-render. The same parameters write the same bytes.
@@ -237,6 +238,13 @@ def plan_song(rng: np.random.Generator, singer: VoiceSpec, tuning: Tuning, secon
     return SongPlan(key, speed, harmonics, notes)
 
 
+def word_times_of(notes: Sequence[SungNote], until: float) -> str:
+    """When each word of ``lyrics_of`` is sung: ``"start-end start-end ..."`` in seconds (its note, cut at
+    ``until``), one pair per word in order, for models that read lyrics aligned to time."""
+    return " ".join(f"{n.start:.3f}-{min(n.start + n.dur, until):.3f}" for n in notes
+                    if n.start < until and n.word is not None)
+
+
 def lyrics_of(notes: Sequence[SungNote], until: float) -> str:
     """The words of the notes starting before ``until`` seconds, each section under its tag."""
     parts: list[str] = []
@@ -309,7 +317,7 @@ def song_params(singers: Sequence[VoiceSpec], songs: int, seed: int, vocab: Sequ
     """What makes two sung corpora equal (``_songs.json``, and the prep manifests of their shards)."""
     return {"singers": [v.id for v in singers], "songs": songs, "seed": seed,
             "vocab_sha256": hashlib.sha256("\n".join(vocab).encode()).hexdigest(), "duration_sec": duration_sec,
-            "prompt_sec": prompt_sec, "sample_rate": sample_rate, "bpm": list(bpm)}
+            "prompt_sec": prompt_sec, "sample_rate": sample_rate, "bpm": list(bpm), "manifest": 2}
 
 
 def _sync(out: Path, params: dict[str, Any]) -> bool:
@@ -364,6 +372,7 @@ def write_sung_corpus(out_dir: str | os.PathLike, *, name: str, singers: Sequenc
                 _atomic_write_bytes(out / row["prompt_wav"], _wav_bytes(song.mix[cut:], sample_rate))
                 _atomic_write_bytes(out / row["audio_path"], _wav_bytes(song.mix[:cut], sample_rate))
             row["lyrics"] = lyrics_of(plan.notes, duration_sec)
+            row["word_times"] = word_times_of(plan.notes, duration_sec)
             return row
 
         rows = []

@@ -105,6 +105,7 @@ def _infer(args: argparse.Namespace) -> int:
     from raytrain.infer import load_model, separate_file
     from raytrain.models import CTCASR
 
+
     if args.lyrics is not None or args.prompt is not None:
         return _infer_song(args)
     if not args.inputs:
@@ -220,6 +221,32 @@ def _cluster_check(args: argparse.Namespace) -> int:
     return 0
 
 
+INFER_HELP = "separate, transcribe or convert audio files, or generate a song, with a trained model"
+
+
+def infer_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`raytrain infer`'s arguments; `main` parses them intermixed (files may follow options: `infer RUN --ref
+    r.wav a.wav`), so the input files may be none (a song generator takes --lyrics and --prompt)."""
+    p.add_argument("source", help="run folder runs/<pipeline>/<id>, a phase folder, a model.pt, "
+                                  "or an exported separation or vc_flow model .onnx (onnxruntime, CPU)")
+    p.add_argument("inputs", nargs="*", help="input wav/flac files (any sample rate); ASR also takes .tsv manifests; "
+                                             "none for a song generator")
+    p.add_argument("-o", "--output", default="out", help="output folder (default: out/); a song: its .wav path")
+    p.add_argument("--phase", help="phase whose best checkpoint to use (default: the last finished)")
+    p.add_argument("--chunk-ms", type=float, default=640.0,
+                   help="ASR with an Emformer: stream the audio in chunks of this many ms (default 640)")
+    p.add_argument("--full", action="store_true", help="ASR: full-utterance decoding only, no streaming")
+    p.add_argument("--ref", help="voice conversion: a recording of the target voice (1.6 s or more of speech)")
+    p.add_argument("--steps", type=int, help="voice conversion: sampling steps of the flow (default: the model's)")
+    p.add_argument("--lyrics", help="song generation: the lyrics, with section tags, e.g. \"[verse] light on the river\"")
+    p.add_argument("--prompt", help="song generation: a style prompt (a few seconds of a song)")
+    p.add_argument("--sketch", help="song generation: a melody sketch token file (.npy, .npz, .pt); default: none")
+    p.add_argument("--seconds", type=float, help="song generation without a sketch: its length (default 6)")
+    p.add_argument("--adapter", help="song generation: a LoRA adapter.pt to load unmerged on --phase's weights")
+    p.set_defaults(fn=_infer)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="raytrain", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -266,23 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-by", default="item", choices=["item", "speaker"], help="split by item or by speaker")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
     p.set_defaults(fn=_prep)
-    p = sub.add_parser("infer", help="separate, transcribe or convert audio files with a trained model")
-    p.add_argument("source", help="run folder runs/<pipeline>/<id>, a phase folder, a model.pt, "
-                                  "or an exported separation model .onnx (onnxruntime, CPU)")
-    p.add_argument("inputs", nargs="*", help="input wav/flac files (any sample rate); ASR also takes .tsv manifests")
-    p.add_argument("-o", "--output", default="out", help="output folder (default: out/); a song: its .wav path")
-    p.add_argument("--phase", help="phase whose best checkpoint to use (default: the last finished)")
-    p.add_argument("--chunk-ms", type=float, default=640.0,
-                   help="ASR with an Emformer: stream the audio in chunks of this many ms (default 640)")
-    p.add_argument("--full", action="store_true", help="ASR: full-utterance decoding only, no streaming")
-    p.add_argument("--ref", help="voice conversion: a recording of the target voice (1.6 s or more of speech)")
-    p.add_argument("--steps", type=int, help="voice conversion: sampling steps of the flow (default: the model's)")
-    p.add_argument("--lyrics", help="song generation: the lyrics, with section tags, e.g. \"[verse] light on the river\"")
-    p.add_argument("--prompt", help="song generation: a style prompt (a few seconds of a song)")
-    p.add_argument("--sketch", help="song generation: a melody sketch token file (.npy, .npz, .pt); default: none")
-    p.add_argument("--seconds", type=float, help="song generation without a sketch: its length (default 6)")
-    p.add_argument("--adapter", help="song generation: a LoRA adapter.pt to load unmerged on --phase's weights")
-    p.set_defaults(fn=_infer)
+    infer_args(sub.add_parser("infer", help=INFER_HELP))
     p = sub.add_parser("ckpt", help="checkpoint tools: `ckpt diff CKPT PIPELINE --phase P`")
     ck = p.add_subparsers(dest="ckpt_command", required=True)
     p = ck.add_parser("diff", help="what a phase's init_from would load, rename and skip from CKPT (no training)")
@@ -364,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         args = split_parser().parse_args(argv[2:])
     elif argv[:2] == ["prep", "dummy-songs"]:
         args = dummy_songs_parser().parse_args(argv[2:])
+    elif argv[:1] == ["infer"]:
+        args = infer_args(argparse.ArgumentParser(prog="raytrain infer", description=INFER_HELP)
+                          ).parse_intermixed_args(argv[1:])
     else:
         args = build_parser().parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -25,7 +25,7 @@ import torch
 
 from raytrain.config.schema import ModelConfig, PipelineConfig
 from raytrain.models import build_model
-from raytrain.models.music import MusicAE, MusicGenerator, latent_frames, lyrics_ids
+from raytrain.models.music import MusicAE, MusicGenerator, frame_words, latent_frames, lyrics_ids
 from raytrain.vc_infer import InputError, read_speech
 
 DEFAULT_SECONDS = 6.0
@@ -111,13 +111,16 @@ def generate(generator: MusicGenerator, ae: MusicAE, lyrics: str, prompt: np.nda
     seeded random phases)."""
     torch.manual_seed(0)
     emb = ae.prompt_embedding(torch.from_numpy(prompt)[None], torch.tensor([len(prompt)]))
-    batch: dict[str, Any] = {"lyrics": torch.from_numpy(lyrics_ids(lyrics))[None], "prompt_emb": emb}
+    ids = lyrics_ids(lyrics)
+    batch: dict[str, Any] = {"lyrics": torch.from_numpy(ids)[None], "prompt_emb": emb}
     if sketch is not None:
         batch["sketch"] = torch.from_numpy(sketch)[None]
         frames = len(sketch)
     else:
         frames = int(latent_frames(int(seconds * ae.sample_rate), ae.hop, ae.down))
         batch["frames"] = torch.tensor([frames])
+    if generator.aligned_lyrics:  # no word times at inference: the words share the song's frames evenly
+        batch["frame_word"] = torch.from_numpy(frame_words(ids, None, frames, 25.0))[None]
     latent = generator(batch)["latent_pred"]
     mel = ae.decode(latent)
     wave = ae.vocode(mel)[0].numpy()

@@ -30,6 +30,7 @@ from raytrain.data.columns import specs_of
 from raytrain.data.transforms import TRANSFORMS, NumpyBatch, batch_rng
 
 _AUDIO_NAMES = ("audio", "mix")
+CROP_START = "crop_start"  # (batch,) seconds: where each row's crop starts, for times given in the row's clock
 
 
 def _rate(value: float) -> Fraction:
@@ -50,7 +51,8 @@ class AlignedCrop:
     ``seconds``, starting at the same time (see the module docstring); other columns pass through.
 
     Output columns are object arrays of the crops, ``(n, *frame_shape)`` with ``n = round(seconds *
-    rate)`` (fewer for a shorter row), which the collate pads with their lengths. The dataset's column
+    rate)`` (fewer for a shorter row), which the collate pads with their lengths; ``crop_start`` holds
+    each row's start in seconds (for a later transform reading times of the whole row, e.g. word times). The dataset's column
     specs arrive with each batch (``specs``); without them, ``audio``/``mix``/``s<k>`` columns are taken
     as audio at ``sample_rate``. ``columns``: crop only these (default: every time column with a rate).
     """
@@ -95,12 +97,14 @@ class AlignedCrop:
         columns = {c: list(batch[c]) for c in rates}
         first = next(iter(rates))
         rng = batch_rng(batch, self.seed, epoch, np.array([len(a) for a in columns[first]]))
-        out = {c: np.empty(len(columns[first]), dtype=object) for c in rates}
+        out: dict[str, np.ndarray] = {c: np.empty(len(columns[first]), dtype=object) for c in rates}
+        out[CROP_START] = np.zeros(len(columns[first]), dtype=np.float64)
         for i in range(len(columns[first])):
             lengths = {c: len(columns[c][i]) for c in rates}
             # the last start (in grid periods) at which every column still holds a whole crop
             last = min(math.floor((lengths[c] - sizes[c]) * grid / r) for c, r in rates.items())
             k = int(rng.integers(0, last + 1)) if last > 0 and self.strategy == "random" else 0
+            out[CROP_START][i] = float(k / grid)
             for c, r in rates.items():
                 start = round(k * r / grid)
                 out[c][i] = np.asarray(columns[c][i])[start:start + sizes[c]]

@@ -252,22 +252,78 @@ def lyrics_ids(text: str) -> np.ndarray:
 LYRIC_VOCAB = len(LYRIC_CHARS) + len(TAGS) + 1
 
 
+def word_starts(ids: np.ndarray) -> list[int]:
+    """Positions in ``lyrics_ids`` where each word (a run of characters, tags and spaces excluded) starts."""
+    chars = (ids > 1) & (ids <= len(LYRIC_CHARS))
+    return [i for i in range(len(ids)) if chars[i] and (i == 0 or not chars[i - 1])]
+
+
+def parse_word_times(text: str) -> list[tuple[float, float]]:
+    """``"0.000-0.420 0.420-0.850"`` -> [(0.0, 0.42), (0.42, 0.85)]."""
+    out = []
+    for part in str(text or "").split():
+        start, _, end = part.partition("-")
+        out.append((float(start), float(end)))
+    return out
+
+
+def frame_words(ids: np.ndarray, times: list[tuple[float, float]] | None, frames: int, rate: float,
+                start: float = 0.0) -> np.ndarray:
+    """(frames,) int64: for each frame (at ``rate``, the first at ``start`` seconds) 1 + the position in ``ids``
+    of the first character of the word sung then, 0 where none is. Without ``times`` the words share the frames
+    evenly (what inference without word times has)."""
+    starts = word_starts(ids)
+    out = np.zeros(frames, dtype=np.int64)
+    if not starts:
+        return out
+    if not times:
+        idx = np.minimum((np.arange(frames) * len(starts)) // max(frames, 1), len(starts) - 1)
+        return np.asarray(starts, dtype=np.int64)[idx] + 1
+    if len(times) != len(starts):
+        raise ValueError(f"word_times has {len(times)} words, the lyrics {len(starts)}")
+    t = start + (np.arange(frames) + 0.5) / rate
+    for pos, (a, b) in zip(starts, times, strict=True):
+        out[(t >= a) & (t < b)] = pos + 1
+    return out
+
+
 @TRANSFORMS.register("lyrics_tokens")
 class LyricsTokens:
     """Numpy batch transform: the ``text`` column (lyrics with section tags) -> ``lyrics`` token ids
-    (object array of int64 arrays; the collate pads them and adds ``lyrics_lengths``)."""
+    (object array of int64 arrays; the collate pads them and adds ``lyrics_lengths``). With ``align: true``
+    and a ``word_times`` column (the sung corpus writes when each word is sung) also ``frame_word``: per
+    frame of the ``frames_of`` column (at ``rate`` frames a second; from ``crop_start`` when an
+    ``aligned_crop`` ran before) 1 + the position of the word sung then in ``lyrics``, 0 for none."""
 
     reads: tuple[str, ...] = ()
-    makes: dict[str, tuple[str, ...]] = {"lyrics": ("text",)}
 
-    def __init__(self, *, sample_rate: int, seed: int) -> None:
-        pass
+    @staticmethod
+    def makes(args: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+        out: dict[str, tuple[str, ...]] = {"lyrics": ("text",)}
+        if args.get("align"):
+            out["frame_word"] = ("text", "word_times", str(args.get("frames_of", "latent")))
+        return out
+
+    def __init__(self, align: bool = False, frames_of: str = "latent", rate: float = 25.0, *, sample_rate: int,
+                 seed: int) -> None:
+        self.align, self.frames_of, self.rate = bool(align), frames_of, float(rate)
 
     def __call__(self, batch: dict[str, np.ndarray], epoch: int = 0) -> dict[str, np.ndarray]:
         out = np.empty(len(batch["text"]), dtype=object)
         for i, text in enumerate(batch["text"]):
             out[i] = lyrics_ids(str(text) if text is not None else "")
-        return {**batch, "lyrics": out}
+        batch = {**batch, "lyrics": out}
+        if self.align:
+            for need in ("word_times", self.frames_of):
+                if need not in batch:
+                    raise KeyError(f"lyrics_tokens with align: the batch has no {need!r} column (it has {sorted(batch)})")
+            fw = np.empty(len(out), dtype=object)
+            starts = batch.get("crop_start", np.zeros(len(out)))
+            for i, ids in enumerate(out):
+                fw[i] = frame_words(ids, parse_word_times(str(batch["word_times"][i])), len(batch[self.frames_of][i]),
+                                    self.rate, float(starts[i]))
+            batch["frame_word"] = fw
+        return batch
 
 
 # ---- generator -----------------------------------------------------------------------------------------
@@ -323,12 +379,15 @@ class MusicGenerator(nn.Module):
     Batch: ``lyrics`` (batch, tokens) with ``lyrics_lengths`` (the ``lyrics_tokens`` transform), ``sketch``
     (batch, frames) codes with ``sketch_lengths``, ``prompt_emb`` (batch, prompt_dim), and in training the
     target ``latent`` (batch, frames, latent_dim). Output: ``latent_pred`` and ``frame_mask``. Without
-    ``sketch`` it needs ``frames`` (batch,) — how many latent frames to generate — and uses the null token."""
+    ``sketch`` it needs ``frames`` (batch,) — how many latent frames to generate — and uses the null token.
+    With ``aligned_lyrics`` each frame also hears the lyrics encoder's state at the word sung then
+    (``frame_word``, the ``lyrics_tokens`` transform with ``align: true``), besides attending to all of them."""
 
     def __init__(self, *, latent_dim: int = 16, codebook_size: int = 64, d_model: int = 128, layers: int = 4,
                  text_layers: int = 2, heads: int = 4, ff: int = 256, dropout: float = 0.1,
-                 sketch_dropout: float = 0.2) -> None:
+                 sketch_dropout: float = 0.2, aligned_lyrics: bool = False) -> None:
         super().__init__()
+        self.aligned_lyrics = bool(aligned_lyrics)
         if d_model % heads:
             raise ValueError(f"music_generator: d_model {d_model} is not a multiple of heads {heads}")
         self.latent_dim, self.codebook_size, self.d_model = latent_dim, codebook_size, d_model
@@ -337,6 +396,7 @@ class MusicGenerator(nn.Module):
         self.text_layers = nn.ModuleList(Layer(d_model, heads, ff, False, dropout) for _ in range(text_layers))
         self.text_norm = nn.LayerNorm(d_model)
         self.sketch_emb = nn.Embedding(codebook_size + 1, d_model)  # the last: no sketch
+        self.word = nn.Linear(d_model, d_model)  # the lyrics encoder's state at the word sung in a frame
         self.prompt = nn.Linear(2 * latent_dim, d_model)
         self.layers = nn.ModuleList(Layer(d_model, heads, ff, True, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(d_model)
@@ -344,7 +404,7 @@ class MusicGenerator(nn.Module):
 
     @staticmethod
     def reads(args: Mapping[str, Any]) -> tuple[str, ...]:
-        return ("lyrics", "sketch", "prompt_emb", "latent")
+        return ("lyrics", "sketch", "prompt_emb", "latent", *(("frame_word",) if args.get("aligned_lyrics") else ()))
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         lyrics = batch["lyrics"]
@@ -372,6 +432,11 @@ class MusicGenerator(nn.Module):
             n = torch.minimum(n, batch.get("latent_lengths", n))
         mask = frame_mask(n.clamp(max=frames), frames)
         x = self.sketch_emb(sketch) + sinusoid(frames, self.d_model, device) + self.prompt(batch["prompt_emb"])[:, None]
+        if self.aligned_lyrics and "frame_word" in batch:  # the word sung in each frame, from the lyrics encoder
+            fw = batch["frame_word"][:, :frames].long()
+            fw = F.pad(fw, (0, frames - fw.shape[1]))
+            state = torch.gather(t, 1, (fw - 1).clamp(min=0)[..., None].expand(-1, -1, self.d_model))
+            x = x + self.word(state) * (fw > 0)[..., None]
         for layer in self.layers:
             x = layer(x, mask, t, tmask)
         pred = self.head(self.norm(x)) * mask[..., None]

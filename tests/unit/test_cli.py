@@ -133,3 +133,24 @@ def test_prep_flag_form_splits_by_speaker(tmp_path: Path, capsys: pytest.Capture
     test = read_manifest(tmp_path / "out" / "test")
     assert test["rows"] == 2 and test["num_speakers"] == 1 and read_manifest(tmp_path / "out" / "train")["rows"] == 6
     assert "test" in capsys.readouterr().out
+
+
+def test_infer_takes_files_after_options_and_none_for_a_song() -> None:
+    import argparse
+
+    from raytrain.cli import infer_args
+
+    def parse(*argv: str) -> argparse.Namespace:
+        return infer_args(argparse.ArgumentParser()).parse_intermixed_args(list(argv))
+
+    args = parse("runs/x", "--ref", "r.wav", "a.wav", "b.wav", "-o", "out")
+    assert (args.source, args.inputs, args.ref, args.output) == ("runs/x", ["a.wav", "b.wav"], "r.wav", "out")
+    song = parse("runs/x", "--lyrics", "[verse] la", "--prompt", "p.wav", "-o", "s.wav")
+    assert (song.source, song.inputs, song.lyrics, song.prompt) == ("runs/x", [], "[verse] la", "p.wav")
+
+
+def test_infer_without_inputs_or_with_half_a_song_exits_2(tmp_path, capsys) -> None:
+    assert main(["infer", str(tmp_path)]) == 2
+    assert "give input audio files" in capsys.readouterr().err
+    assert main(["infer", str(tmp_path), "--lyrics", "la"]) == 2
+    assert "both --lyrics and --prompt" in capsys.readouterr().err

@@ -58,9 +58,38 @@ def test_lyrics_tokens_keep_tags_words_and_spaces() -> None:
     assert lyrics_ids("").tolist() == [1]  # never empty: attention needs a key
 
 
+def test_frame_words_follow_the_word_times_and_the_crop() -> None:
+    from raytrain.data.aligned import AlignedCrop
+    from raytrain.models.music import LyricsTokens, frame_words, word_starts
+
+    ids = lyrics_ids("[verse] light on [chorus] river")
+    assert word_starts(ids) == [1, 7, 10]  # after the tag; "on" after a space; "river" after the second tag
+    got = frame_words(ids, [(0.0, 0.4), (0.4, 0.8), (1.0, 1.2)], 35, 25.0)
+    assert got[:10].tolist() == [2] * 10 and got[10:20].tolist() == [8] * 10 and got[20:25].tolist() == [0] * 5
+    assert got[25:30].tolist() == [11] * 5 and got[30:].tolist() == [0] * 5
+    assert frame_words(ids, None, 9, 25.0).tolist() == [2, 2, 2, 8, 8, 8, 11, 11, 11]  # no times: evenly
+    with pytest.raises(ValueError, match="2 words, the lyrics 3"):
+        frame_words(ids, [(0.0, 0.4), (0.4, 0.8)], 35, 25.0)
+    # after a crop from 0.4 s, frame 0 is the second word's
+    lat = np.empty(1, dtype=object)
+    lat[0] = np.zeros((50, 2), dtype=np.float32)
+    batch = {"text": np.array(["[verse] light on [chorus] river"]), "word_times": np.array(["0-0.4 0.4-0.8 1.0-1.2"]),
+             "latent": lat, "id": np.array(["a"])}
+    specs = {"latent": {"role": "features", "frame_rate": 25.0, "dims": 2}}
+    for _ in range(20):
+        cropped = AlignedCrop(seconds=1.0, columns=["latent"], sample_rate=16000, seed=_)(batch, 0, specs)
+        out = LyricsTokens(align=True, sample_rate=16000, seed=0)(cropped)
+        start = float(cropped["crop_start"][0])
+        assert len(out["frame_word"][0]) == 25
+        assert out["frame_word"][0].tolist() == frame_words(out["lyrics"][0], [(0.0, 0.4), (0.4, 0.8), (1.0, 1.2)],
+                                                            25, 25.0, start).tolist()
+        if start == 0.4:
+            assert out["frame_word"][0][0] == 8
+
+
 def test_generator_trains_on_latents_and_generates_without_a_sketch() -> None:
     torch.manual_seed(0)
-    gen = build_model("music_generator", {**SMALL, "dropout": 0.0, "sketch_dropout": 0.0})
+    gen = build_model("music_generator", {**SMALL, "dropout": 0.0, "sketch_dropout": 0.0, "aligned_lyrics": True})
     batch = {"lyrics": torch.from_numpy(np.stack([lyrics_ids("[verse] la la la")] * 2)),
              "sketch": torch.randint(0, 16, (2, 30)), "sketch_lengths": torch.tensor([30, 20]),
              "prompt_emb": torch.randn(2, 16), "latent": torch.randn(2, 30, 8), "latent_lengths": torch.tensor([30, 20])}
@@ -77,6 +106,8 @@ def test_generator_trains_on_latents_and_generates_without_a_sketch() -> None:
     out = gen({"lyrics": batch["lyrics"][:1], "prompt_emb": batch["prompt_emb"][:1], "frames": torch.tensor([25])})
     assert out["latent_pred"].shape == (1, 25, 8) and torch.isfinite(out["latent_pred"]).all()
     assert float(gen(batch)["latent_pred"][1, 20:].abs().sum()) == 0.0  # frames past a row's length are zero
+    words = {**batch, "frame_word": torch.tensor([[2] * 15 + [5] * 15] * 2)}
+    assert not torch.equal(gen(words)["latent_pred"], gen(batch)["latent_pred"])  # aligned words are heard
 
 
 @pytest.fixture

@@ -100,7 +100,7 @@ def test_songs_last_their_seconds_their_prompts_continue_them_and_lyrics_are_the
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     assert [r["idx"] for r in rows] == ["t_0000", "t_0001", "t_0002"]
     for i, r in enumerate(rows):
-        assert set(r) == {"idx", "audio_path", "lyrics", "prompt_wav", "speaker", "language"}
+        assert set(r) == {"idx", "audio_path", "lyrics", "prompt_wav", "speaker", "language", "word_times"}
         singer = singers[i % 2]
         assert r["speaker"] == singer.id and r["language"] == "en"
         audio, sr = sf.read(tmp_path / "a" / r["audio_path"], dtype="float32")
@@ -112,6 +112,8 @@ def test_songs_last_their_seconds_their_prompts_continue_them_and_lyrics_are_the
         words = r["lyrics"].split()
         assert words[0] == "[verse]" and set(w for w in words if w.startswith("[")) <= {"[verse]", "[chorus]"}
         assert [w for w in words if not w.startswith("[")] == [n.word for n in sung]
+        times = [tuple(map(float, p.split("-"))) for p in r["word_times"].split()]  # when each of them is sung
+        assert times == [(round(n.start, 3), round(min(n.start + n.dur, 4.0), 3)) for n in sung]
         level = float(np.sqrt(np.mean(song.vocals ** 2)))
         for n in (n for n in song.plan.notes if n.start + 0.1 < 6.0):  # a word at every sung note, silence in rests
             seg = song.vocals[int((n.start + 0.01) * SR):int((n.start + min(n.dur, 0.1)) * SR)]
