@@ -18,8 +18,8 @@ from raytrain.models import build_model
 from raytrain.runs import read_summary
 
 
-def locate(source: str | Path, phase: str | None = None) -> tuple[Path, ModelConfig]:
-    """(weights file, model config) from a run folder, a phase folder, or a model.pt inside a run."""
+def run_folder(source: str | Path) -> tuple[Path, PipelineConfig]:
+    """The run folder `source` (a run folder, a phase folder or a file in one) lies in, and its pipeline."""
     src = Path(source)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such run folder or checkpoint")
@@ -27,7 +27,13 @@ def locate(source: str | Path, phase: str | None = None) -> tuple[Path, ModelCon
     if run_dir is None:
         raise FileNotFoundError(f"{src}: not inside a raytrain run folder (no summary.json above it); "
                                 "give the run folder runs/<pipeline>/<run_id> or a model.pt inside it")
-    pipe = PipelineConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    return run_dir, PipelineConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+
+
+def locate(source: str | Path, phase: str | None = None) -> tuple[Path, ModelConfig]:
+    """(weights file, model config) from a run folder, a phase folder, or a model.pt inside a run."""
+    src = Path(source)
+    run_dir, pipe = run_folder(src)
     summary = read_summary(run_dir)
     if src.is_file():
         weights = src

@@ -31,19 +31,26 @@ from raytrain.vc_infer import InputError, read_speech
 DEFAULT_SECONDS = 6.0
 
 
-def find_autoencoder(run_dir: Path, pipe: PipelineConfig) -> tuple[ModelConfig, Path]:
-    """The run's `music_ae` phase's model config and best weights."""
+def trained(run_dir: Path, pipe: PipelineConfig, model: str) -> list[tuple[str, ModelConfig, Path]]:
+    """The run's finished phases that train a `model`, in pipeline order: (name, model config, best weights)."""
     from raytrain.runs import read_summary
 
     summary = read_summary(run_dir)
+    out = []
     for phase in pipe.phases:
-        mcfg = pipe.phase_model(phase)
-        if mcfg.name == "music_ae" and getattr(phase, "trains", False):
-            entry = summary.phases.get(phase.name)
-            if entry is None or not entry.best_checkpoint:
-                raise FileNotFoundError(f"{run_dir}: the autoencoder phase {phase.name!r} has not finished")
-            return mcfg, Path(entry.best_checkpoint)
-    raise FileNotFoundError(f"{run_dir}: no phase trains a music_ae autoencoder; the generator's latents need its decoder")
+        mcfg, entry = pipe.phase_model(phase), summary.phases.get(phase.name)
+        if mcfg.name == model and getattr(phase, "trains", False) and entry is not None and entry.best_checkpoint:
+            out.append((phase.name, mcfg, Path(entry.best_checkpoint)))
+    return out
+
+
+def find_autoencoder(run_dir: Path, pipe: PipelineConfig) -> tuple[ModelConfig, Path]:
+    """The run's `music_ae` phase's model config and best weights."""
+    found = trained(run_dir, pipe, "music_ae")
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no finished phase trains a music_ae autoencoder; the generator's "
+                                "latents need its decoder")
+    return found[-1][1], found[-1][2]
 
 
 def read_prompt(path: str | Path, sample_rate: int) -> np.ndarray:
@@ -67,24 +74,15 @@ def read_sketch(path: str | Path) -> np.ndarray:
 
 def load_generator(source: str | Path, phase: str | None, adapter: str | Path | None) -> tuple[MusicGenerator, Path,
                                                                                                  PipelineConfig, str]:
-    import yaml
-
     from raytrain.checkpoints import load_weights
-    from raytrain.infer import locate
+    from raytrain.infer import locate, run_folder
 
-    run_dir = next((p for p in [Path(source), *Path(source).parents] if (p / "summary.json").exists()), None)
-    if run_dir is None:
-        raise FileNotFoundError(f"{source}: not inside a raytrain run folder (no summary.json above it)")
-    pipe = PipelineConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    run_dir, pipe = run_folder(source)
     if phase is None and Path(source) == run_dir:
-        from raytrain.runs import read_summary
-
-        summary = read_summary(run_dir)
-        done = [p.name for p in pipe.phases if getattr(p, "trains", False) and pipe.phase_model(p).name ==
-                "music_generator" and (e := summary.phases.get(p.name)) is not None and e.best_checkpoint]
+        done = trained(run_dir, pipe, "music_generator")
         if not done:
             raise FileNotFoundError(f"{run_dir}: no phase that trains the music_generator has finished")
-        phase = done[-1]
+        phase = done[-1][0]
     weights, mcfg = locate(source, phase)
     model = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
     if not isinstance(model, MusicGenerator):
