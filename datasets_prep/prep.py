@@ -11,7 +11,9 @@ A prep YAML names its source in one of two ways:
   sentences) and ``dev`` (fixed 2-speaker mixtures made only from ``dev_speech``); ``asr`` writes
   train/dev/test sets; ``vc`` writes parallel speech corpora, their parallel pairs and dev triples
   (``datasets_prep.vc``); ``songs`` writes songs sung by espeak voices over an accompaniment, one
-  JSONL corpus per language (``datasets_prep.sung``), prepared like a JSONL input and split by singer.
+  JSONL corpus per language (``datasets_prep.sung``), prepared like a JSONL input and split by singer;
+  ``av`` writes per corpus speech of train and held-out voices and audio-visual target-speaker mixtures
+  made from each (``datasets_prep.av``).
 
 Either way the shards are written by the Ray Data executor (``datasets_prep.execute``) on
 ``workers`` tasks: bad files become rows of ``_rejects.parquet``, finished shards are not
@@ -43,6 +45,7 @@ from pydantic import (
     model_validator,
 )
 
+from datasets_prep.av import av_params, read_utterances, select_dev, select_train, write_av_mixtures
 from datasets_prep.execute import prepare_items
 from datasets_prep.mixtures import mixture_params, write_fixed_mixtures
 from datasets_prep.readers.espeak import (
@@ -137,15 +140,104 @@ class SongCorpus(_Strict):
         return self
 
 
+def _check_range(key: str, value: tuple[float, float] | None, lo: float | None = None, hi: float | None = None,
+                 unit: str = "") -> None:
+    """A [min, max] range: min <= max, both within [lo, hi] where given; else a one-line error naming ``key``."""
+    if value is None:
+        return
+    a, b = value
+    if a > b or (lo is not None and a < lo) or (hi is not None and b > hi):
+        bounds = " <= ".join(["min" if lo is None else f"{lo:g} <= min", "max" if hi is None else f"max <= {hi:g}"])
+        raise ValueError(f"{key}={[a, b]}: give [min, max]{unit} with {bounds}")
+
+
+class AvCorpus(_Strict):
+    """One corpus of ``layout: av`` (``datasets_prep.av``): ``speech_train/`` (its train voices reading train
+    sentences), ``speech_dev/`` (its dev voices, of timbres no train voice of any corpus uses, reading sentences of
+    held-out words), ``train/`` (every train utterance the target of ``mixtures_per_utterance`` mixtures) and
+    ``dev/`` (``dev_mixtures`` fixed mixtures of dev utterances)."""
+
+    language: list[str] | None = Field(default=None, min_length=1)  # espeak-ng languages/accents (None: 8 English)
+    train_voices: int = Field(ge=2)
+    dev_voices: int = Field(ge=2)
+    train_sentences: int = Field(ge=1)  # sentence pools
+    dev_sentences: int = Field(ge=1)
+    utterances_per_voice: int = Field(ge=1)  # distinct sentences each train voice reads
+    dev_utterances_per_voice: int = Field(ge=1)  # ... each dev voice reads
+    mixtures_per_utterance: int = Field(ge=1)  # train/: mixtures each train utterance is the target of
+    dev_mixtures: int = Field(ge=1)  # dev/: fixed mixtures drawn from the dev utterances
+    snr_db: tuple[float, float] = (-2.5, 2.5)  # target over interferer, dB, drawn per mixture
+    overlap: tuple[float, float] = (0.5, 1.0)  # share of the target's span the interferer covers, drawn
+    noise_snr_db: tuple[float, float] | None = None  # pink noise this many dB below the target (None: no noise)
+    pitches: list[int] | None = Field(default=None, min_length=1)  # espeak -p values (None: espeak.PITCHES)
+    speeds: list[int] | None = Field(default=None, min_length=1)  # espeak -s values (None: espeak.SPEEDS)
+    train_words: tuple[int, int] | None = None  # (min, max) words of a sentence (None: 4-10)
+    dev_words: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _fits(self) -> AvCorpus:
+        _check_range("overlap", self.overlap, 0.0, 1.0, " shares of the target's span")
+        _check_range("snr_db", self.snr_db, unit=" dB of the target over the interferer")
+        _check_range("noise_snr_db", self.noise_snr_db, unit=" dB of the target over the noise")
+        if self.pitches and not all(0 <= p <= 99 for p in self.pitches):
+            raise ValueError(f"pitches={self.pitches}: espeak-ng pitches are 0-99")
+        _check_words("train_words", self.train_words)
+        _check_words("dev_words", self.dev_words)
+        for key, per, pool, pool_key in (
+                ("utterances_per_voice", self.utterances_per_voice, self.train_sentences, "train_sentences"),
+                ("dev_utterances_per_voice", self.dev_utterances_per_voice, self.dev_sentences, "dev_sentences")):
+            if per > pool:
+                raise ValueError(f"{key}={per} exceeds {pool_key} ({pool}): each voice reads distinct sentences; "
+                                 f"lower it or raise {pool_key}")
+        # a target's sure interferers: the utterances of every other voice but the one of its own sentence
+        sure = (self.train_voices - 1) * (self.utterances_per_voice - 1)
+        if self.mixtures_per_utterance > sure:
+            raise ValueError(f"mixtures_per_utterance={self.mixtures_per_utterance} exceeds the {sure} interferers "
+                             "every target is sure to have ((train_voices - 1) x (utterances_per_voice - 1): other "
+                             "voices reading other sentences); lower it or raise train_voices/utterances_per_voice")
+        pairs = self.dev_voices * (self.dev_voices - 1) * self.dev_utterances_per_voice * (
+            self.dev_utterances_per_voice - 1)
+        if self.dev_mixtures > pairs:
+            raise ValueError(f"dev_mixtures={self.dev_mixtures} exceeds the {pairs} distinct (target, interferer) "
+                             "pairs the dev voices are sure to give (dev_voices x (dev_voices - 1) x "
+                             "dev_utterances_per_voice x (dev_utterances_per_voice - 1)); lower dev_mixtures or raise "
+                             "dev_voices/dev_utterances_per_voice")
+        return self
+
+    def lengths(self, split: str) -> dict[str, int]:
+        words = self.train_words if split == "train" else self.dev_words
+        return dict(zip(("min_words", "max_words"), words, strict=True)) if words else {}
+
+
+class AvVideo(_Strict):
+    """The lip video of ``layout: av`` (``datasets_prep.av.render_lips``)."""
+
+    size: int = Field(default=24, ge=8, le=128)  # frames are size x size pixels, grey
+    fps: int = Field(default=25, ge=1, le=100)
+    lag: tuple[int, int] = (-1, 2)  # frames the mouth lags the audio by (negative: leads), drawn per mixture
+    pixel_noise: float = Field(default=8.0, ge=0, le=64)  # Gaussian noise of the frames, grey levels
+
+    @model_validator(mode="after")
+    def _lag(self) -> AvVideo:
+        _check_range("lag", self.lag, -self.fps, self.fps, " frames")
+        return self
+
+
+_AV_CORPUS_KEYS = ("train_voices", "mixtures_per_utterance", "dev_mixtures")
+
+
 def _corpus_kind(value: Any) -> str:
-    """``songs`` for a corpus with song keys (``singers``, ``songs``), else ``vc``."""
+    """``songs`` for a corpus with song keys (``singers``, ``songs``), ``av`` for one with av keys
+    (``train_voices``, ``mixtures_per_utterance``, ``dev_mixtures``), else ``vc``."""
     if isinstance(value, dict):
-        return "songs" if {"singers", "songs"} & set(value) else "vc"
-    return "songs" if isinstance(value, SongCorpus) else "vc"
+        keys = set(value)
+        return "songs" if {"singers", "songs"} & keys else "av" if set(_AV_CORPUS_KEYS) & keys else "vc"
+    return "songs" if isinstance(value, SongCorpus) else "av" if isinstance(value, AvCorpus) else "vc"
 
 
-_CORPUS_TAGS = ("vc", "songs")
-Corpus = Annotated[Annotated[VcCorpus, Tag("vc")] | Annotated[SongCorpus, Tag("songs")], Discriminator(_corpus_kind)]
+_CORPUS_TAGS = ("vc", "songs", "av")
+Corpus = Annotated[Annotated[VcCorpus, Tag("vc")] | Annotated[SongCorpus, Tag("songs")]
+                   | Annotated[AvCorpus, Tag("av")], Discriminator(_corpus_kind)]
 
 
 class DevRooms(_Strict):
@@ -174,6 +266,7 @@ _VC_RESERVED = ("dev", "dev_speech", "dev_reverb", "dev_self")
 _VC_KEYS = ("corpora", "pairs_per_sentence", "self_pairs", "dev_triples", "dev_words", "dev_rooms",
             "reference_utterances", "dev_self_triples")
 _SONG_KEYS = ("duration_sec", "prompt_sec", "tempo")
+_AV_KEYS = ("video",)
 
 
 class EspeakGenerator(_Strict):
@@ -199,7 +292,9 @@ class EspeakGenerator(_Strict):
     # datasets_prep.vc.
     # songs: <corpus>/train/ and <corpus>/dev/ (splits: by singer) of each of `corpora` (SongCorpus): songs
     # sung by espeak voices with their prompts; see datasets_prep.sung.
-    layout: Literal["separation", "asr", "vc", "songs"] = "separation"
+    # av: <corpus>/speech_train/, <corpus>/speech_dev/, <corpus>/train/ and <corpus>/dev/ of each of `corpora`
+    # (AvCorpus): target-speaker mixtures with a lip video of the target; see datasets_prep.av.
+    layout: Literal["separation", "asr", "vc", "songs", "av"] = "separation"
     test_sentences: int = Field(default=60, ge=1)  # asr: sentence pool of test/
     eval_utterances_per_voice: int = Field(default=4, ge=1)  # asr: sentences each voice reads in dev/ and test/
     # A word-list file (e.g. /usr/share/dict/words) instead of the 497 shipped words, and how many to draw.
@@ -231,11 +326,14 @@ class EspeakGenerator(_Strict):
     duration_sec: float = Field(default=6.0, gt=0)
     prompt_sec: float = Field(default=3.0, gt=0)
     tempo: tuple[float, float] = (80.0, 140.0)
+    # av: the lip video of every corpus's mixtures.
+    video: AvVideo = Field(default_factory=AvVideo)
 
     def source_params(self) -> dict[str, Any]:
         """What a separation/asr dataset records of its generator: not ``workers`` (no effect on the output),
-        nor the vc and songs layouts' keys (so that adding them did not make earlier datasets stale)."""
-        return self.model_dump(mode="json", exclude={"workers", *_VC_KEYS, *_SONG_KEYS}, exclude_none=True)
+        nor the vc, songs and av layouts' keys (so that adding them did not make earlier datasets stale)."""
+        return self.model_dump(mode="json", exclude={"workers", *_VC_KEYS, *_SONG_KEYS, *_AV_KEYS},
+                               exclude_none=True)
 
     def vc_corpora(self) -> dict[str, VcCorpus]:
         return {n: c for n, c in (self.corpora or {}).items() if isinstance(c, VcCorpus)}
@@ -243,15 +341,26 @@ class EspeakGenerator(_Strict):
     def song_corpora(self) -> dict[str, SongCorpus]:
         return {n: c for n, c in (self.corpora or {}).items() if isinstance(c, SongCorpus)}
 
+    def av_corpora(self) -> dict[str, AvCorpus]:
+        return {n: c for n, c in (self.corpora or {}).items() if isinstance(c, AvCorpus)}
+
     @model_validator(mode="before")
     @classmethod
-    def _song_corpora_named(cls, data: Any) -> Any:
-        """A corpus of layout songs without song keys would be read as a vc corpus: say what it needs."""
-        if isinstance(data, dict) and data.get("layout") == "songs" and isinstance(data.get("corpora"), dict):
+    def _corpora_named(cls, data: Any) -> Any:
+        """A corpus of layout songs or av without its layout's keys would be read as a vc corpus: say what it
+        needs."""
+        needs = {"songs": ("singers and songs", "{language: [en, en-us], singers: 12, songs: 160}"),
+                 "av": ("train_voices, dev_voices, train_sentences, dev_sentences, utterances_per_voice, "
+                        "dev_utterances_per_voice, mixtures_per_utterance and dev_mixtures",
+                        "{language: [en-us], train_voices: 8, dev_voices: 4, train_sentences: 80, dev_sentences: 20, "
+                        "utterances_per_voice: 10, dev_utterances_per_voice: 5, mixtures_per_utterance: 2, "
+                        "dev_mixtures: 40}")}
+        layout = data.get("layout") if isinstance(data, dict) else None
+        if layout in needs and isinstance(data.get("corpora"), dict):
+            keys, example = needs[layout]
             for name, c in data["corpora"].items():
-                if isinstance(c, dict) and _corpus_kind(c) != "songs":
-                    raise ValueError(f"corpora.{name}: a corpus of layout songs needs singers and songs, e.g. "
-                                     f"{name}: {{language: [en, en-us], singers: 12, songs: 160}}")
+                if isinstance(c, dict) and _corpus_kind(c) != layout:
+                    raise ValueError(f"corpora.{name}: a corpus of layout {layout} needs {keys}, e.g. {name}: {example}")
         return data
 
     def train_lengths(self) -> dict[str, int]:
@@ -267,6 +376,8 @@ class EspeakGenerator(_Strict):
             return self._check_songs()
         if self.layout == "vc":
             return self._check_vc()
+        if self.layout == "av":
+            return self._check_av()
         if self.layout == "asr":
             if self.eval_voices and self.eval_voices > self.train_voices:
                 raise ValueError(f"eval_voices={self.eval_voices} exceeds train_voices ({self.train_voices}): dev and "
@@ -329,6 +440,9 @@ class EspeakGenerator(_Strict):
             if isinstance(c, SongCorpus):
                 raise ValueError(f"corpora.{name}: a song corpus (singers, songs) in layout vc: use layout: songs, or "
                                  "give it voices, sentences and utterances_per_voice")
+            if isinstance(c, AvCorpus):
+                raise ValueError(f"corpora.{name}: an av corpus (train_voices, mixtures_per_utterance) in layout vc: "
+                                 "use layout: av, or give it voices, sentences and utterances_per_voice")
         for name in self.corpora:
             if not _FOLDER_NAME.match(name) or name in _VC_RESERVED:
                 raise ValueError(f"corpora: {name!r} cannot name a folder of the output: use letters, digits, _ . - "
@@ -352,6 +466,37 @@ class EspeakGenerator(_Strict):
         if self.dev_self_triples > len(dev) * self.dev_sentences:
             raise ValueError(f"dev_self_triples={self.dev_self_triples} exceeds the {len(dev) * self.dev_sentences} "
                              f"utterances of {len(dev)} dev voices reading {self.dev_sentences} sentences: lower it")
+        return self
+
+    def av_voices(self) -> dict[str, tuple[list[VoiceSpec], list[VoiceSpec]]]:
+        """{corpus: (train voices, dev voices)}. One seed and ``dev_variant_fraction`` hold the same timbres out
+        of every ``split_voices`` call, so no train voice of any corpus has a dev voice's timbre."""
+        out = {}
+        for name, c in self.av_corpora().items():
+            try:
+                out[name] = split_voices(c.train_voices, c.dev_voices, self.seed, self.dev_variant_fraction,
+                                         bases=c.language, pitches=c.pitches, speeds=c.speeds)
+            except ValueError as e:
+                raise ValueError(f"corpora.{name}.train_voices={c.train_voices}/dev_voices={c.dev_voices}: {e}; add "
+                                 "languages, pitches or speeds") from None
+        return out
+
+    def _check_av(self) -> EspeakGenerator:
+        if not self.corpora:
+            raise ValueError("corpora: layout av needs its corpora, e.g. corpora: {main: {language: [en, en-us], "
+                             "train_voices: 40, dev_voices: 8, train_sentences: 800, dev_sentences: 80, "
+                             "utterances_per_voice: 20, dev_utterances_per_voice: 10, mixtures_per_utterance: 2, "
+                             "dev_mixtures: 150}}")
+        for name in self.corpora:
+            if not _FOLDER_NAME.match(name):
+                raise ValueError(f"corpora: {name!r} cannot name a folder of the output: use letters, digits, _ . -")
+        owner: dict[str, str] = {}
+        for name, (train, dev) in self.av_voices().items():
+            shared = sorted({v.id for v in train + dev} & set(owner))
+            if shared:
+                raise ValueError(f"corpora.{name}: its voices {shared[:3]} are also voices of corpora.{owner[shared[0]]}"
+                                 ": give the corpora different languages (accents), pitches or speeds")
+            owner.update({v.id: name for v in train + dev})
         return self
 
 
@@ -413,6 +558,9 @@ class PrepConfig(_Strict):
                 self._check_songs()
             elif self.splits is not None:
                 raise ValueError("splits: the espeak generator makes its own train/dev_speech/dev splits")
+            if self.generator.layout == "av" and self.dev_mixtures is not None:
+                raise ValueError("dev_mixtures: layout av draws its dev mixtures per corpus (corpora.<name>.dev_mixtures)"
+                                 "; drop the top-level dev_mixtures")
             if self.sample_rate is None:
                 self.sample_rate = 16000
             if self.dev_mixtures is None:
@@ -557,6 +705,8 @@ def run_prep_config(cfg: PrepConfig, *, root: Path | None = None) -> dict:
         splits = _run_generator_vc(cfg, root, out_dir)
     elif cfg.generator.layout == "songs":
         splits = _run_generator_songs(cfg, root, out_dir)
+    elif cfg.generator.layout == "av":
+        splits = _run_generator_av(cfg, root, out_dir)
     else:
         splits = _run_generator(cfg, root, out_dir)
     if remote:
@@ -829,6 +979,63 @@ def _run_generator_songs(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str
             _write(part, folders[split], cfg, "songs", audio_columns, {**base, "split": split}, None)
             splits[f"{name}/{split}"] = _summary(folders[split], "written", t0)
             t0 = time.perf_counter()
+    return splits
+
+
+def _run_generator_av(cfg: PrepConfig, root: Path, out_dir: Path) -> dict[str, dict]:
+    """The ``layout: av`` corpus: per corpus ``<name>/speech_train/`` and ``<name>/speech_dev/`` (speaker folders
+    under ``<raw_dir>/<name>/{train,dev}``, prepared like layout vc's speech), then ``<name>/train/`` and
+    ``<name>/dev/``, the ``av_mixtures`` made from each (``datasets_prep.av``). Every folder is skipped when its
+    manifest records the same parameters (the mixtures also the same speech shards)."""
+    g, sr = cfg.generator, cfg.sample_rate
+    assert g is not None and g.corpora and sr is not None and cfg.raw_dir is not None
+    raw_dir = _resolve(root, cfg.raw_dir)
+    train_slice, dev_slice = vocab_split(g.dev_vocab_fraction)
+    vocab = vocabulary(g.words, g.vocabulary_size)
+    voices = g.av_voices()
+    held = {v.variant for _, dev in voices.values() for v in dev}
+    for name, (train, _) in voices.items():  # split_voices' promise, checked: it is what dev measures
+        if leaked := sorted(held & {v.variant for v in train}):
+            raise RuntimeError(f"corpora.{name}: train voices use the dev timbres {leaked}")
+    common = {"name": cfg.name, "layout": "av", "sample_rate": sr, "rows_per_shard": cfg.rows_per_shard,
+              "seed": g.seed}
+    chain = {"steps": _described(cfg), "audio_format": cfg.audio_format}
+    v = g.video
+    splits: dict[str, dict] = {}
+    for name, c in g.av_corpora().items():
+        seed = _seed_of(g.seed, name)
+        plans = (("train", voices[name][0], c.utterances_per_voice, c.train_sentences, train_slice),
+                 ("dev", voices[name][1], c.dev_utterances_per_voice, c.dev_sentences, dev_slice))
+        for part, speakers, per_voice, pool, words in plans:
+            t0 = time.perf_counter()
+            split, out = f"{name}/speech_{part}", out_dir / name / f"speech_{part}"
+            sentences = make_sentences(pool, seed, words, vocab=vocab, **c.lengths(part))
+            prep = {**common, "split": split, "voices": [s.id for s in speakers], "utterances_per_voice": per_voice,
+                    "corpus_seed": seed, "sentences_sha256": _sha(sentences)}
+            status = "up to date"
+            if not _up_to_date(out, {**prep, **chain}):
+                raw = raw_dir / name / part
+                generate_corpus(raw, speakers, per_voice, sentences, sr, seed, workers=g.workers)
+                _write(list_items("speaker-dirs", raw), out, cfg, "speech", ["audio"], prep, None)
+                status = "written"
+            splits[split] = _summary(out, status, t0)
+        for part in ("train", "dev"):
+            t0 = time.perf_counter()
+            split, out, source = f"{name}/{part}", out_dir / name / part, out_dir / name / f"speech_{part}"
+            params = av_params(seed=g.seed, snr_db=c.snr_db, overlap=c.overlap, noise_snr_db=c.noise_snr_db,
+                               lag=v.lag, size=v.size, fps=v.fps, pixel_noise=v.pixel_noise,
+                               **({"per_utterance": c.mixtures_per_utterance} if part == "train"
+                                  else {"num": c.dev_mixtures}))
+            prep = {**common, "split": split, "from": f"{name}/speech_{part}", "from_sha256": shards_sha256(source)}
+            status = "up to date"
+            if not _up_to_date(out, {"mixtures": params, **prep}):
+                utts, rate, fmt = read_utterances(source)
+                pairs = (select_train(utts, c.mixtures_per_utterance, seed) if part == "train"
+                         else select_dev(utts, c.dev_mixtures, seed))
+                write_av_mixtures(utts, pairs, out, sample_rate=rate, audio_format=fmt, params=params,
+                                  rows_per_shard=cfg.rows_per_shard, prep=prep)
+                status = "written"
+            splits[split] = _summary(out, status, t0)
     return splits
 
 

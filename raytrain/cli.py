@@ -103,8 +103,7 @@ def _prep_flags(args: argparse.Namespace) -> int:
 
 def _infer(args: argparse.Namespace) -> int:
     from raytrain.infer import load_model, separate_file
-    from raytrain.models import CTCASR
-
+    from raytrain.models import AVTSEASR, CTCASR
 
     if args.lyrics is not None or args.prompt is not None:
         return _infer_song(args)
@@ -112,6 +111,8 @@ def _infer(args: argparse.Namespace) -> int:
         print("error: give input audio files (or --lyrics and --prompt for a song generator)", file=sys.stderr)
         return 2
     model = load_model(args.source, args.phase)
+    if args.video is not None or isinstance(model, AVTSEASR):
+        return _infer_av(args, model)
     from raytrain import vc_infer
     from raytrain.models.vc import VCFlow
 
@@ -135,6 +136,29 @@ def _infer(args: argparse.Namespace) -> int:
         for p in separate_file(model, wav, args.output):
             print(p)
     return 0
+
+
+def _infer_av(args: argparse.Namespace, model: object) -> int:
+    from raytrain import av_infer
+    from raytrain.models import AVTSEASR, MODELS
+
+    if not isinstance(model, AVTSEASR):
+        name = next((n for n in MODELS.names() if MODELS.get(n) is type(model)), type(model).__name__)
+        print(f"error: {args.source}: --video is for audio-visual models (av_tse_asr); its model is {name}",
+              file=sys.stderr)
+        return 2
+    if args.video is None:
+        print(f"error: {args.source}: an audio-visual model (av_tse_asr) needs the target talker's lip video: "
+              "pass --video frames.npy", file=sys.stderr)
+        return 2
+    if args.ref is not None or args.steps is not None:
+        print("error: --ref and --steps are for voice-conversion models (vc_flow)", file=sys.stderr)
+        return 2
+    try:
+        return av_infer.run(model, args.video, args.inputs, args.output)
+    except av_infer.AVInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _infer_song(args: argparse.Namespace) -> int:
@@ -221,7 +245,8 @@ def _cluster_check(args: argparse.Namespace) -> int:
     return 0
 
 
-INFER_HELP = "separate, transcribe or convert audio files, or generate a song, with a trained model"
+INFER_HELP = ("separate, transcribe or convert audio files, extract a talker with a lip video, or generate a song, "
+              "with a trained model")
 
 
 def infer_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -236,6 +261,8 @@ def infer_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--chunk-ms", type=float, default=640.0,
                    help="ASR with an Emformer: stream the audio in chunks of this many ms (default 640)")
     p.add_argument("--full", action="store_true", help="ASR: full-utterance decoding only, no streaming")
+    p.add_argument("--video", help="audio-visual extraction: lip video of the target talker: .npy/.npz uint8 "
+                                   "frames at 25 fps, (frames, H, W) or (frames, H, W, C); for each input")
     p.add_argument("--ref", help="voice conversion: a recording of the target voice (1.6 s or more of speech)")
     p.add_argument("--steps", type=int, help="voice conversion: sampling steps of the flow (default: the model's)")
     p.add_argument("--lyrics", help="song generation: the lyrics, with section tags, e.g. \"[verse] light on the river\"")

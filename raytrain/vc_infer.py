@@ -44,17 +44,24 @@ class Converted:
     rtf: float
 
 
+def open_audio(path: Path, what: str, error: type[ValueError] = InputError) -> tuple[np.ndarray, int]:
+    """float32 (samples, channels) and the rate of an audio file; `error` naming the file and `what` it is
+    when it is missing or not audio soundfile can read."""
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise error(f"{path}: {what} is not an audio file soundfile can read ({exc})") from None
+    return wave, int(sr)
+
+
 def read_speech(path: str | Path, sample_rate: int, what: str, min_seconds: float = MIN_SECONDS,
                 needs: str = "the speaker encoder needs") -> np.ndarray:
     """Mono float32 audio at `sample_rate`; InputError if missing, not audio, silent or shorter than
     `min_seconds` (1.6 s: resemblyzer's shortest window; the message says who `needs` it)."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: {what} not found")
-    try:
-        wave, sr = sf.read(str(p), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise InputError(f"{p}: {what} is not an audio file soundfile can read ({exc})") from None
+    wave, sr = open_audio(p, what)
     mono = wave.mean(axis=1)
     if len(mono) == 0 or not np.any(np.abs(mono) > 1e-4):
         raise InputError(f"{p}: {what} is silent ({len(mono) / sr:.2f} s with no sample above -80 dBFS)")

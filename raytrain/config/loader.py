@@ -263,17 +263,21 @@ def _merge_defaults(raw: dict[str, Any]) -> dict[str, Any]:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last silently, so a
-    second `gates:` pasted into a phase would replace the first without a word."""
+    second `gates:` pasted into a phase would replace the first without a word. Merge keys (`<<: *anchor`)
+    work as in YAML 1.1: the mapping's own keys win over the merged ones."""
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice (first at line {seen[key].start_mark.line + 1})",
                     key_node.start_mark)
             seen[key] = key_node
+        self.flatten_mapping(node)
         return super().construct_mapping(node, deep=deep)
 
 

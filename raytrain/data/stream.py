@@ -182,6 +182,11 @@ class _Held:
             yield {k: v[idx] for k, v in self.cols.items()}
 
 
+def pick_source(seed: int, k: int, p: np.ndarray) -> int:
+    """The source of a mixture's k-th batch: drawn with probabilities ``p`` from (seed, k) alone."""
+    return int(np.random.default_rng((seed, k)).choice(len(p), p=p))
+
+
 class BatchStream:
     """Endless batches from weighted sources. `position()` / `position=` make it resumable."""
 
@@ -199,13 +204,15 @@ class BatchStream:
         self.picks: int = pos.get("picks", 0)
         self.epoch: dict[str, int] = {n: pos.get("epoch", {}).get(n, 0) for n in self.names}
         self.consumed: dict[str, int] = {n: pos.get("consumed", {}).get(n, 0) for n in self.names}
+        self.batches: dict[str, int] = {n: pos.get("batches", {}).get(n, 0) for n in self.names}  # all epochs
         self._iters: dict[str, Iterator[dict[str, torch.Tensor]]] = {}
         self.hold = set(hold)
         self._held: dict[str, _Held] = {}
         self.audio = audio or {}  # source name -> audio_spec of its stored audio
 
     def position(self) -> dict[str, Any]:
-        return {"picks": self.picks, "epoch": dict(self.epoch), "consumed": dict(self.consumed)}
+        return {"picks": self.picks, "epoch": dict(self.epoch), "consumed": dict(self.consumed),
+                "batches": dict(self.batches)}
 
     def _read(self, name: str, epoch: int, collate: Collate, drop_last: bool = True
               ) -> Iterator[dict[str, torch.Tensor]]:
@@ -269,6 +276,7 @@ class BatchStream:
             try:
                 batch = next(self._iters[name])
                 self.consumed[name] += 1
+                self.batches[name] += 1
                 return batch
             except StopIteration:
                 del self._iters[name]
@@ -288,7 +296,7 @@ class BatchStream:
         if len(self.names) == 1:
             name = self.names[0]
         else:
-            name = self.names[np.random.default_rng((self.seed, self.picks)).choice(len(self.names), p=self.p)]
+            name = self.names[pick_source(self.seed, self.picks, self.p)]
         self.picks += 1
         return self._next_from(name)
 

@@ -215,4 +215,5 @@ class Crop:
 
 from raytrain.data import aligned as _aligned  # noqa: E402,F401  registers aligned_crop
 from raytrain.data import text as _text  # noqa: E402,F401  registers ctc_targets
+from raytrain.data import video as _video  # noqa: E402,F401  registers video_swap
 from raytrain.data import voice as _voice  # noqa: E402,F401  registers flow_noise, room_reverb

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from raytrain.models.asr import CTCASR
+from raytrain.models.av import AVTSEASR
 from raytrain.models.music import MusicAE, MusicGenerator, SketchVQ
 from raytrain.models.separation import SeparationAdapter, SeparationModel
 from raytrain.models.vc import SpeakerEncoder, VCFlow
@@ -33,6 +34,7 @@ MODELS.register("speaker_encoder")(SpeakerEncoder)
 MODELS.register("music_ae")(MusicAE)
 MODELS.register("sketch_vq")(SketchVQ)
 MODELS.register("music_generator")(MusicGenerator)
+MODELS.register("av_tse_asr")(AVTSEASR)
 ADAPTERS.register("separation")(SeparationAdapter)
 
 
@@ -114,6 +116,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 __all__ = [
     "ADAPTERS",
+    "AVTSEASR",
     "CTCASR",
     "MODELS",
     "MusicAE",

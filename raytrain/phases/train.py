@@ -549,6 +549,9 @@ class PhaseRunner:
         if self.rows_steps:  # rows of all ranks and micro-batches per optimizer step, as trained
             metrics = {**metrics, "perf/samples_per_step": self.reduce.sum([float(self.rows)])[0] / self.rows_steps}
         positions = [self.stream.position()]
+        if len(self.stream.names) > 1:  # a mixture of datasets: the batches each gave so far, all ranks
+            counts = self.reduce.sum([float(self.stream.batches[n]) for n in self.stream.names])
+            metrics = {**metrics, **{f"data/batches/{n}": c for n, c in zip(self.stream.names, counts, strict=True)}}
         rngs = [rng_state()]
         if self.world > 1:
             gathered_pos: list[Any] = [None] * self.world

@@ -15,6 +15,12 @@ ASR_TINY_MODEL = {"d_model": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 2,
 VC_TINY_MODEL = {"hidden": 16, "layers": 2, "content_hidden": 16, "content_layers": 1, "content_dim": 8,
                  "griffin_lim_iters": 4}
 MUSIC_TINY_MODEL = {"d_model": 32, "layers": 1, "text_layers": 1, "heads": 2, "ff": 64}
+AV_TINY_MODEL = {"visual_channels": "[4, 8, 8]", "visual_dim": 16,
+                 "separator": "{n_fft: 256, hop: 128, band: 8, dim: 16, blocks: 1, heads: 2, ff: 32}",
+                 "encoder": "{n_mels: 20, d_model: 32, heads: 2, ffn: 64, layers: 1, conv_kernel: 7}"}
+AV_TINY_CORPUS = {"train_voices": 3, "dev_voices": 2, "train_sentences": 8, "dev_sentences": 4,
+                  "utterances_per_voice": 3, "dev_utterances_per_voice": 3, "mixtures_per_utterance": 1,
+                  "dev_mixtures": 6}
 
 # Per recipe: prep overrides that shrink its corpus, pipeline overrides beyond the cut steps (a smaller
 # model, a gate the cut run cannot be held to), and the steps every train phase is cut to.
@@ -72,6 +78,18 @@ RECIPES: dict[str, dict[str, Any]] = {
         + ["defaults.batch_size=4", "defaults.eval_batch_size=4", "defaults.shuffle_buffer=16",
            "phases.latents.batch_size=4", "phases.sketch.batch_size=4",
            "phases.lora_ft.gates=[{metric: eval/latent_mse, max: 100.0, ratio_to: base_es}]"],
+        "steps": 4,
+    },
+    "av_tse_asr_tiny": {
+        "prep": {**{f"generator.corpora.{c}.{k}": v for c in ("main", "second") for k, v in AV_TINY_CORPUS.items()},
+                 "rows_per_shard": 8, "workers": 0, "generator.workers": 1},
+        "overrides": [f"{key}.{k}={v}" for key in ("model.args", "phases.pretrain.model.args", "phases.tse.model.args")
+                      for k, v in AV_TINY_MODEL.items()]
+        + ["defaults.batch_size=3", "defaults.eval_batch_size=3", "defaults.shuffle_buffer=16",
+           "phases.tse.gates=[{metric: eval/si_sdri, min: -100.0}]",
+           *[f"phases.{p}.gates=[{{metric: eval/si_sdri, max: 100.0, relative_to: multitask}}]"
+             for p in ("swapped_video", "zero_video")],
+           "phases.ft_second_corpus.gates=[{metric: eval/cer, max: 10.0, relative_to: multitask_second}]"],
         "steps": 4,
     },
 }

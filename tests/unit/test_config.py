@@ -79,6 +79,19 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path) -> None:
         load_config(top_list)
 
 
+def test_yaml_merge_keys(tmp_path) -> None:
+    """`<<: *anchor` merges a mapping (a phase's model args from the top-level ones); its own keys win, and a
+    key given twice by hand is still an error."""
+    from raytrain.config.loader import read_yaml
+
+    f = tmp_path / "merge.yaml"
+    f.write_text("base: &b {x: 1, y: 2}\nphase: {<<: *b, y: 3, z: 4}\n")
+    assert read_yaml(f, "config")["phase"] == {"x": 1, "y": 3, "z": 4}
+    f.write_text("base: &b {x: 1}\nphase: {<<: *b, z: 4, z: 5}\n")
+    with pytest.raises(ConfigError, match="key 'z' is given twice"):
+        read_yaml(f, "config")
+
+
 def test_defaults_merge_into_phases() -> None:
     cfg = load_config(raw=raw())
     p1, long = cfg.phases

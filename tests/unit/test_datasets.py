@@ -97,3 +97,16 @@ def test_read_tasks_take_consecutive_shards_up_to_the_byte_limit() -> None:
     assert group_tasks([5, 4, 1, 0], sizes, 64) == [[5, 4, 1, 0]]
     assert group_tasks([3, 3], sizes, 64) == [[3], [3]]  # one too big for the limit still gets a task
     assert group_tasks([], sizes, 64) == []
+
+
+def test_a_mixture_draws_its_sources_in_the_configured_proportion() -> None:
+    """Each batch of a `train: {a: 3, b: 1}` mixture comes from one source, drawn from (seed, pick) alone."""
+    import numpy as np
+
+    from raytrain.data.stream import pick_source
+
+    p = np.array([0.75, 0.25])
+    picks = [pick_source(7, k, p) for k in range(4000)]
+    assert abs(picks.count(0) / 4000 - 0.75) < 0.02
+    assert picks == [pick_source(7, k, p) for k in range(4000)]  # the same on a resumed run
+    assert picks != [pick_source(8, k, p) for k in range(4000)]
