@@ -42,7 +42,8 @@ def _tune(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.override)
     sweep = load_sweep(args.sweep)
-    runner = Sweep(cfg, sweep, sweep_text=Path(args.sweep).read_text(), resume=args.resume, sweep_dir=args.sweep_dir)
+    runner = Sweep(cfg, sweep, sweep_text=Path(args.sweep).read_text(), resume=args.resume, sweep_dir=args.sweep_dir,
+                   base_run=args.base_run)
     print(f"sweep folder: {runner.dir}  ({sweep.trials_expected()} trials of phase {sweep.phase!r}, "
           f"{sweep.max_concurrent_trials} at a time)")
     t0 = time.time()
@@ -303,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then run the later phases from the best trial's checkpoint, as one pipeline run")
     p.add_argument("--resume", action="store_true", help="continue the last unfinished sweep of this pipeline")
     p.add_argument("--sweep-dir", help="use this sweep folder (default runs/<pipeline>/sweeps/<timestamp>)")
+    p.add_argument("--base-run", metavar="RUN",
+                   help="take the phases before the swept one from this finished run of the same config")
     p.set_defaults(fn=_tune)
     p = sub.add_parser("prep", help="prepare a corpus into Parquet shards (a prep YAML, or flags)")
     p.add_argument("config", nargs="?", help="prep YAML, e.g. configs/prep/separation_tiny.yaml")

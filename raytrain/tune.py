@@ -171,10 +171,45 @@ def find_unfinished_sweep(root: Path) -> Path | None:
     return None
 
 
+def reuse_base(pipe: PipelineConfig, run_dir: Path, before: list[str]) -> dict[str, Any]:
+    """The summary entries of `before` (the phases ahead of the swept one) from a finished run of the same
+    pipeline (`raytrain tune --base-run`), so a sweep of a late phase does not train the early ones again. Each
+    must have finished with the same phase config, model and datasets as this pipeline's; else a ConfigError
+    naming the phase and what differs."""
+    found, config = summary_at(run_dir), run_dir / "config.yaml"
+    if found is None or not config.is_file():
+        raise ConfigError(f"--base-run {run_dir}: not a run folder (it needs summary.json and config.yaml)")
+    done = found.phases
+    theirs = resolve_paths(load_config(config))
+    for name in before:
+        entry = done.get(name)
+        if entry is None or entry.status != "finished":
+            raise ConfigError(f"--base-run {run_dir}: phase {name!r} is "
+                              f"{'missing' if entry is None else entry.status}, not finished; run it first")
+        mine, other = pipe.phase(name), theirs.phase(name)
+        for what, a, b in (("config", mine.model_dump(mode="json"), other.model_dump(mode="json")),
+                           ("model", pipe.phase_model(mine).model_dump(mode="json"),
+                            theirs.phase_model(other).model_dump(mode="json")),
+                           ("datasets", {n: pipe.data[n].shards for n in _datasets_of(mine)},
+                            {n: theirs.data[n].shards for n in _datasets_of(other) if n in theirs.data})):
+            if a != b:
+                keys = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
+                raise ConfigError(f"--base-run {run_dir}: phase {name!r} ran with another {what} ({', '.join(keys)} "
+                                  "differ); run the sweep without --base-run, or give a run of this config")
+    return {n: done[n].model_dump(mode="json") for n in before}
+
+
+def _datasets_of(phase: Any) -> list[str]:
+    train = [t.name for t in getattr(phase, "train", None) or []]
+    return sorted({*train, *([phase.eval] if getattr(phase, "eval", None) else [])})
+
+
 class Sweep:
     def __init__(self, pipe: PipelineConfig, sweep: SweepConfig, *, sweep_text: str | None = None,
-                 resume: bool = False, sweep_dir: str | Path | None = None) -> None:
+                 resume: bool = False, sweep_dir: str | Path | None = None,
+                 base_run: str | Path | None = None) -> None:
         check_sweep(pipe, sweep)
+        self.base_run = Path(base_run).resolve() if base_run is not None else None
         self.original = pipe  # relative paths kept: best.yaml is the user's pipeline with the best values
         self.pipe, self.sweep = resolve_paths(pipe), sweep
         self.pipe._raw = self._resolved_raw()
@@ -252,6 +287,10 @@ class Sweep:
         before = names[: names.index(self.sweep.phase)]
         if not before:
             return {}
+        if self.base_run is not None:
+            self.state["base"] = str(self.base_run)
+            print(f"sweep {self.dir}: phases before {self.sweep.phase!r} ({', '.join(before)}) from {self.base_run}")
+            return reuse_base(self.pipe, self.base_run, before)
         runner = PipelineRunner(self.pipe, run_dir=self.dir / "base", only=before, mlflow_parent=parent,
                                 storage_dir=join(self.storage, "base") if self.storage else None)
         print(f"sweep {self.dir}: phases before {self.sweep.phase!r} ({', '.join(before)}) run once")
