@@ -194,7 +194,7 @@ def reuse_base(pipe: PipelineConfig, run_dir: Path, before: list[str]) -> dict[s
                             {n: theirs.data[n].shards for n in _datasets_of(other) if n in theirs.data})):
             if a != b:
                 keys = sorted(k for k in {*a, *b} if a.get(k) != b.get(k))
-                raise ConfigError(f"--base-run {run_dir}: phase {name!r} ran with another {what} ({', '.join(keys)} "
+                raise ConfigError(f"--base-run {run_dir}: phase {name!r} ran otherwise ({what}: {', '.join(keys)} "
                                   "differ); run the sweep without --base-run, or give a run of this config")
     return {n: done[n].model_dump(mode="json") for n in before}
 

@@ -120,3 +120,31 @@ def test_trials_table_best_yaml_and_plot(tmp_path: Path) -> None:
     assert best.data["train"].shards == "data/shards/espeak_sep_tiny/train"  # the user's own relative paths
     plot_sweep(_rows(), sweep, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_base_run_gives_the_phases_before_the_swept_one_when_they_ran_with_this_config(tmp_path: Path) -> None:
+    """`raytrain tune --base-run RUN`: the early phases' entries come from a finished run of the same config; a
+    run of another config, an unfinished phase or a folder that is no run is refused, naming the phase or the
+    folder."""
+    from raytrain.pipeline import resolve_paths
+    from raytrain.runs import PhaseEntry, RunSummary, write_summary
+    from raytrain.tune import reuse_base
+
+    pipe = resolve_paths(load_config(PIPELINE))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(pipe.model_dump(mode="json")))
+    short = PhaseEntry(status="finished", steps=800, best_checkpoint=str(run / "short" / "best" / "model.pt"))
+    write_summary(run, RunSummary(pipeline=pipe.name, run_id="run", status="finished", phases={"short": short}))
+    assert reuse_base(pipe, run, ["short"])["short"]["best_checkpoint"] == short.best_checkpoint
+    other = resolve_paths(load_config(PIPELINE, ["phases.short.optim.lr=5.0e-3"]))
+    with pytest.raises(ConfigError, match=r"phase 'short' ran otherwise \(config: optim differ\)"):
+        reuse_base(other, run, ["short"])
+    elsewhere = resolve_paths(load_config(PIPELINE, [f"data.train.shards={tmp_path / 'other'}"]))
+    with pytest.raises(ConfigError, match=r"phase 'short' ran otherwise \(datasets: train differ\)"):
+        reuse_base(elsewhere, run, ["short"])
+    write_summary(run, RunSummary(pipeline=pipe.name, run_id="run", phases={"short": PhaseEntry(status="failed")}))
+    with pytest.raises(ConfigError, match="phase 'short' is failed, not finished"):
+        reuse_base(pipe, run, ["short"])
+    with pytest.raises(ConfigError, match="not a run folder"):
+        reuse_base(pipe, tmp_path, ["short"])
