@@ -64,15 +64,19 @@ class _Block2d(nn.Module):
 
 
 class VisualFrontEnd(nn.Module):
-    """uint8 video (batch, frames, H, W, C) -> (batch, frames, dim); frames beyond ``lengths`` are zeros. The last
-    feature map is flattened, not pooled, so where in the frame a feature is (the lips' opening) reaches ``out``."""
+    """uint8 video (batch, frames, H, W, C) -> (batch, frames, dim); frames beyond ``lengths`` are zeros. Stride-2
+    blocks halve the frames to at most 8x8; the last feature map is flattened, not pooled, so where in the frame
+    a feature is (the lips' opening) reaches ``out``."""
 
     def __init__(self, size: int, channels: tuple[int, int, int] = (8, 16, 32), dim: int = 64) -> None:
         super().__init__()
         c1, c2, c3 = channels
         self.conv3d = nn.Conv3d(1, c1, (5, 3, 3), padding=(2, 1, 1))
-        self.blocks = nn.Sequential(_Block2d(c1, c2, 2), _Block2d(c2, c3, 2))
-        side = math.ceil(math.ceil(size / 2) / 2)  # two stride-2 convolutions with padding 1
+        blocks, side = [_Block2d(c1, c2, 2), _Block2d(c2, c3, 2)], math.ceil(math.ceil(size / 2) / 2)
+        while side > 8:  # larger frames (88x88 lip crops) are halved further, so `out` stays small
+            blocks.append(_Block2d(c3, c3, 2))
+            side = math.ceil(side / 2)
+        self.blocks = nn.Sequential(*blocks)
         self.out = nn.Linear(c3 * side * side, dim)
 
     def forward(self, video: Tensor, lengths: Tensor | None = None) -> Tensor:
