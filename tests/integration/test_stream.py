@@ -44,7 +44,7 @@ def test_held_rows_serve_later_epochs_reshuffled_and_resume_exactly(ray_local: A
         assert len(set(flat[e])) == 36 and set(flat[e]) <= set(range(ROWS))
     assert flat[1] != flat[2] and flat[1] != flat[0]
     assert 36 in set(flat[1]) | set(flat[2])  # the row epoch 0 left over is held too
-    assert stream.position() == {"picks": 27, "epoch": {"a": 2}, "consumed": {"a": 9}}
+    assert stream.position() == {"picks": 27, "epoch": {"a": 2}, "consumed": {"a": 9}, "batches": {"a": 27}}
 
     # Resume mid-epoch 1 (the rows are read again) and mid-epoch 0: the same batches follow.
     for done in (13, 5):
@@ -141,7 +141,7 @@ def test_a_pass_of_epochs_reads_each_shard_once_per_epoch_and_resumes_mid_pass(r
 
     s = stream()
     batches = [next(s)["audio"].numpy() for _ in range(18)]  # one pass: 3 epochs of 6 batches (one shard each)
-    assert s.position() == {"picks": 18, "epoch": {"a": 0}, "consumed": {"a": 18}}
+    assert s.position() == {"picks": 18, "epoch": {"a": 0}, "consumed": {"a": 18}, "batches": {"a": 18}}
     assert all(b.shape == (4, 2000) for b in batches)
     # each shard comes back once per epoch as the same four rows (batch j of epoch e is shard orders[e][j]),
     # cropped differently every time
@@ -153,4 +153,5 @@ def test_a_pass_of_epochs_reads_each_shard_once_per_epoch_and_resumes_mid_pass(r
     twin = stream({"picks": 10, "epoch": {"a": 0}, "consumed": {"a": 10}})
     assert all(np.array_equal(next(twin)["audio"].numpy(), b) for b in batches[10:])
     next(s)
-    assert s.position() == {"picks": 19, "epoch": {"a": 1}, "consumed": {"a": 1}}  # the next pass
+    assert s.position() == {"picks": 19, "epoch": {"a": 1}, "consumed": {"a": 1},  # the next pass
+                            "batches": {"a": 19}}
