@@ -200,8 +200,9 @@ def reuse_base(pipe: PipelineConfig, run_dir: Path, before: list[str]) -> dict[s
 
 
 def _datasets_of(phase: Any) -> list[str]:
-    train = [t.name for t in getattr(phase, "train", None) or []]
-    return sorted({*train, *([phase.eval] if getattr(phase, "eval", None) else [])})
+    from raytrain.phases.ray_train import train_names
+
+    return sorted({*train_names(phase), *([phase.eval] if getattr(phase, "eval", None) else [])})
 
 
 class Sweep:
