@@ -29,19 +29,24 @@ def _trainer_class(own_datasets: bool) -> Any:
     actor started at every phase that polls the dashboard's State API every second to remove the phase's
     placement group should the controller die (and a phase's end waits up to 2 s for it to stop). On a
     one-node Ray owned by the driver's process, a dead controller's placement group goes with the driver's
-    job: the actor is a process (about 2.5 CPU-seconds) and a wait at every phase for nothing. On a cluster
-    (`RAY_ADDRESS`, or `ray job submit`) it stays.
+    job: the actor is a process (about 2.5 CPU-seconds) and a wait at every phase for nothing. It stays on a
+    cluster (`RAY_ADDRESS`, or `ray job submit`), and in a Tune trial: there the driver (the sweep) outlives
+    the trial's controller, and Ray removes a placement group only when both its creator and its job have
+    ended, so each trial that ASHA stopped would keep its workers' CPUs reserved until the sweep hung.
 
     With `own_datasets` (one worker: nothing to split, the datasets travel in the worker's config): no
     datasets callback, whose dataset-manager actor would only hand the one worker each dataset's iterator
     (another ~2 CPU-s process at every phase's start)."""
     import os
 
+    import ray
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    drop: tuple[type, ...] = () if os.environ.get("RAY_ADDRESS") else (PlacementGroupCleanerCallback,)
+    in_driver = ray.get_runtime_context().get_actor_id() is None  # not a Tune trial's actor
+    drop: tuple[type, ...] = (PlacementGroupCleanerCallback,) if in_driver and not os.environ.get(
+        "RAY_ADDRESS") else ()
     if own_datasets:
         drop += (DatasetsCallback,)
     if not drop:

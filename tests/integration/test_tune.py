@@ -122,3 +122,30 @@ def test_sweep_runs_phase_a_once_resumes_without_rerunning_trials_and_continues_
         assert float(run.data.params["phase.optim.lr"]) == pytest.approx(r["values"]["phases.b.optim.lr"])
     assert {a.path for a in client.list_artifacts(state["mlflow_run_id"])} >= {"sweep.png", "best.yaml",
                                                                                "trials.txt"}
+
+
+def test_trials_that_asha_stops_give_their_workers_cpus_back(corpus: Path, tmp_path: Path) -> None:
+    """On 2 CPUs each trial's worker group reserves 0.99 CPU: two stopped trials that kept their placement
+    groups would leave the third trial after them waiting forever (the sweep hung on the fourth trial)."""
+    raw = pipeline_dict(corpus, tmp_path / "runs")
+    raw["phases"] = [
+        {"name": "a", "max_steps": 2, "eval_every": 2, "checkpoint_every": 2},
+        {"name": "b", "init_from": "a", "max_steps": 4, "eval_every": 2, "checkpoint_every": 4},
+    ]
+    # Seed 0 draws a high LR first and low ones after it: ASHA stops trials 2 and 3 at step 2.
+    sweep = {**SWEEP, "num_samples": 4, "params": {"phases.b.optim.lr": SWEEP["params"]["phases.b.optim.lr"]}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
+    sweep_dir = tmp_path / "sweep"
+    proc = raytrain_cli("tune", str(tmp_path / "p.yaml"), "--sweep", str(tmp_path / "s.yaml"), "--sweep-dir",
+                        str(sweep_dir), log=tmp_path / "tune.log")
+    try:
+        code = proc.wait(timeout=300)
+    except Exception:
+        crash(proc)
+        raise AssertionError("the sweep did not end: " + (tmp_path / "tune.log").read_text()[-3000:]) from None
+    assert code == 0, (tmp_path / "tune.log").read_text()[-3000:]
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    by_trial = {r["trial"]: r["status"] for r in state["trials"]}
+    order = [by_trial[t.name] for t in _started_trials(sweep_dir)]
+    assert len(order) == 4 and order[1:3] == ["stopped early", "stopped early"], order
