@@ -65,8 +65,8 @@ def check_sweep(pipe: PipelineConfig, sweep: SweepConfig) -> None:
         raise ConfigError(f"sweep metric {sweep.metric}: phase {sweep.phase!r} has no eval dataset; give it "
                           "`eval:` or sweep a train/ metric")
     if sweep.scheduler.name == "asha":
-        rf, grace = sweep.scheduler.reduction_factor, sweep.scheduler.grace_period
-        rungs = [grace * rf ** k for k in range(64) if grace * rf ** k < phase.max_steps]
+        grace = sweep.scheduler.grace_period
+        rungs = asha_rungs(sweep, phase.max_steps)
         off = [r for r in rungs if r % phase.eval_every]
         if not rungs:
             raise ConfigError(f"sweep scheduler.grace_period {grace} is not below the phase's max_steps "
@@ -84,6 +84,23 @@ def check_sweep(pipe: PipelineConfig, sweep: SweepConfig) -> None:
                                   f"{sweep.phase!r}; sweep a path of {sweep.phase!r} or a later phase")
         for value in dist.examples():
             with_values(pipe, {path: value}, source=f"sweep params.{path}")
+
+
+def asha_rungs(sweep: SweepConfig, max_steps: int) -> list[int]:
+    """The steps at which ASHA compares trials: grace_period times powers of reduction_factor, below the
+    phase's last step."""
+    rf, grace = sweep.scheduler.reduction_factor, sweep.scheduler.grace_period
+    return [int(grace * rf ** k) for k in range(64) if grace * rf ** k < max_steps]
+
+
+def asha_scheduler(sweep: SweepConfig, max_steps: int) -> Any:
+    """Ray Tune's ASHA with the rungs of `asha_rungs`. ASHA's own rungs go up to max_t: one at the phase's
+    last step saves nothing, yet it would end a trial that ran every step before its phase wrote its weights
+    (a trial that ran all its steps, recorded as stopped early). So max_t is the step before the last."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="eval_step", max_t=max_steps - 1, grace_period=sweep.scheduler.grace_period,
+                         reduction_factor=sweep.scheduler.reduction_factor, stop_last_trials=False)
 
 
 # ---- one trial ---------------------------------------------------------------------------------------
@@ -302,7 +319,6 @@ class Sweep:
     def _fit(self, base: dict[str, Any], parent: str | None) -> Any:
         import ray
         from ray import tune
-        from ray.tune.schedulers import ASHAScheduler
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         sw, phase = self.sweep, self.pipe.trained_phase(self.sweep.phase)
@@ -325,9 +341,7 @@ class Sweep:
         else:
             search = BasicVariantGenerator(random_state=sw.searcher.seed,
                                            max_concurrent=sw.max_concurrent_trials)
-        scheduler = (ASHAScheduler(time_attr="eval_step", max_t=phase.max_steps, grace_period=sw.scheduler.grace_period,
-                                   reduction_factor=sw.scheduler.reduction_factor, stop_last_trials=False)
-                     if sw.scheduler.name == "asha" else None)
+        scheduler = asha_scheduler(sw, phase.max_steps) if sw.scheduler.name == "asha" else None
         tuner = tune.Tuner(
             trainable,
             param_space={"values": {p: d.tune_domain() for p, d in sw.params.items()}},

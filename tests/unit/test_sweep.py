@@ -10,7 +10,15 @@ import yaml
 from raytrain.config import load_config
 from raytrain.config.loader import ConfigError, with_values
 from raytrain.config.sweep import SweepConfig, load_sweep
-from raytrain.tune import best_yaml, check_sweep, plot_sweep, trial_scaling, trials_table
+from raytrain.tune import (
+    asha_rungs,
+    asha_scheduler,
+    best_yaml,
+    check_sweep,
+    plot_sweep,
+    trial_scaling,
+    trials_table,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINE = ROOT / "configs/pipelines/separation_tiny.yaml"
@@ -148,3 +156,16 @@ def test_a_base_run_gives_the_phases_before_the_swept_one_when_they_ran_with_thi
         reuse_base(pipe, run, ["short"])
     with pytest.raises(ConfigError, match="not a run folder"):
         reuse_base(pipe, tmp_path, ["short"])
+
+
+@pytest.mark.parametrize(("max_steps", "grace", "rf"), [(400, 200, 2), (8, 2, 2), (9, 2, 2), (100, 10, 3), (5, 4, 2)])
+def test_asha_compares_trials_below_the_last_step_only(max_steps: int, grace: int, rf: int) -> None:
+    """A rung at the phase's last step would stop a trial that ran every step before it wrote its weights."""
+    sweep = SweepConfig.model_validate({"phase": "b", "metric": "eval/loss", "mode": "min",
+                                        "params": {"phases.b.optim.lr": {"loguniform": [1e-4, 1e-2]}},
+                                        "scheduler": {"name": "asha", "grace_period": grace, "reduction_factor": rf}})
+    rungs = asha_rungs(sweep, max_steps)
+    assert rungs and max(rungs) < max_steps
+    scheduler = asha_scheduler(sweep, max_steps)
+    milestones = sorted(int(m) for bracket in scheduler._brackets for m, _ in bracket._rungs)
+    assert milestones == rungs
