@@ -29,21 +29,32 @@ class Strict(BaseModel):
 class ModelConfig(Strict):
     """A registry name (`convtasnet`) or a dotted path (`pkg.mod:Class`) plus its kwargs."""
 
-    name: str
-    args: dict[str, Any] = Field(default_factory=dict)
-    adapter: str | None = None
+    name: str = Field(description="a registered model name (e.g. convtasnet, ctc_asr) or a dotted path "
+                                  "pkg.mod:Class")
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments of the model's constructor (checked against it before anything is "
+                    "built)")
+    adapter: str | None = Field(None, description="a registered adapter (e.g. separation) that wraps a plain "
+                                                  "module `name` builds into raytrain's batch-dict interface")
 
 
 class ScalingConfig(Strict):
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool | Literal["auto"] = "auto"
+    """Ray Train workers of a phase: the pipeline's `scaling`, or a phase's own `scaling` in its place."""
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks)")
+    use_gpu: bool | Literal["auto"] = Field("auto",
+                                            description="a GPU per worker; auto: when the cluster has GPUs")
     cpus_per_worker: float | None = Field(None, gt=0, description="default: leaves a CPU free for Ray Data")
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads; default: CPUs / workers")
     max_failures: int = Field(0, ge=0, description="worker restarts from the last checkpoint (FailureConfig)")
 
 
 class DatasetConfig(Strict):
-    shards: str
+    """A dataset prepared by `raytrain prep` (or written by a cache phase), named by its key under `data:`."""
+
+    shards: str = Field(description="the prepared dataset's folder (holding _manifest.json): a path, "
+                                    "relative to where raytrain runs, or a bucket URI")
     cache: Literal["auto", "memory", "stream"] = Field(
         "auto", description="memory: read and decode once per phase into Ray's object store; each worker "
                             "keeps its rows after its first epoch and reshuffles them every epoch. stream: "
@@ -52,30 +63,39 @@ class DatasetConfig(Strict):
 
 
 class TrainSource(Strict):
-    name: str
-    weight: float = Field(1.0, gt=0)
+    """A dataset a train phase learns from."""
+
+    name: str = Field(description="a dataset of `data:` (or one a cache phase writes)")
+    weight: float = Field(1.0, gt=0, description="share of the batches drawn from it when several are "
+                                                 "interleaved (relative to the others' weights)")
 
 
 class OptimConfig(Strict):
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = Field(0.9, ge=0)
+    """The torch optimizer of a phase (or of a module)."""
+
+    name: Literal["adamw", "adam", "sgd"] = Field("adamw", description="torch.optim.AdamW, Adam or SGD")
+    lr: float = Field(1e-3, gt=0, description="base learning rate (the schedule scales it)")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay (decoupled for adamw)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam and adamw: (beta1, beta2)")
+    momentum: float = Field(0.9, ge=0, description="sgd only")
 
 
 class ScheduleConfig(Strict):
-    warmup_steps: int = Field(0, ge=0)
-    decay: Literal["constant", "linear", "cosine"] = "constant"
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """The learning-rate schedule over a phase's `max_steps`: linear warm-up, then a decay."""
+
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up from lr / warmup_steps to lr")
+    decay: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="after warm-up, to min_lr_ratio * lr at max_steps (constant: no decay)")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the final lr as a fraction of lr")
 
 
 class ParamGroupConfig(Strict):
     """Parameters whose names match `params` (glob, first matching group wins)."""
 
-    params: str | list[str]
-    lr: float | None = Field(None, gt=0)
-    weight_decay: float | None = Field(None, ge=0)
+    params: str | list[str] = Field(description="glob(s) on dotted parameter names, e.g. encoder.*")
+    lr: float | None = Field(None, gt=0, description="this group's lr (default: optim.lr)")
+    weight_decay: float | None = Field(None, ge=0, description="this group's weight decay (default: "
+                                                               "optim.weight_decay)")
 
     @property
     def patterns(self) -> list[str]:
@@ -85,13 +105,16 @@ class ParamGroupConfig(Strict):
 class InitFromConfig(Strict):
     """Where a phase's weights come from: an earlier phase or a checkpoint path."""
 
-    phase: str | None = None
-    path: str | None = None
-    checkpoint: Literal["best", "last"] = "best"
-    include: list[str] = Field(default_factory=lambda: ["*"])
-    exclude: list[str] = Field(default_factory=list)
+    phase: str | None = Field(None, description="an earlier phase whose weights to load")
+    path: str | None = Field(None, description="a model.pt or state.pt (or a folder holding one), or an "
+                                               "s3:// or gs:// URI of a model.pt")
+    checkpoint: Literal["best", "last"] = Field("best", description="which of the phase's checkpoints")
+    include: list[str] = Field(default_factory=lambda: ["*"], description="globs of checkpoint keys to load")
+    exclude: list[str] = Field(default_factory=list, description="globs of checkpoint keys not to load (wins "
+                                                                 "over include)")
     rename: dict[str, str] = Field(default_factory=dict, description="old prefix -> new prefix")
-    on_shape_mismatch: Literal["skip", "error"] = "error"
+    on_shape_mismatch: Literal["skip", "error"] = Field(
+        "error", description="a key whose shape differs: stop the phase, or skip it (left at its fresh init)")
 
     @model_validator(mode="after")
     def _one_source(self) -> InitFromConfig:
@@ -105,10 +128,11 @@ class GateConfig(Strict):
     from that phase's value of the same metric: `{metric: eval/secs, min: -0.03, relative_to: teacher}` is a
     student that loses at most 0.03 of its teacher's SECS."""
 
-    metric: str
-    min: float | None = None
-    max: float | None = None
-    relative_to: str | None = None
+    metric: str = Field(description="a final metric of the phase, e.g. eval/cer")
+    min: float | None = Field(None, description="the metric (or difference, or ratio) must be at least this")
+    max: float | None = Field(None, description="the metric (or difference, or ratio) must be at most this")
+    relative_to: str | None = Field(None, description="an earlier phase: the bound is on the difference from "
+                                                      "its value")
     ratio_to: str | None = Field(None, description="an earlier phase: the bound is on the ratio to its value "
                                  "(max: 0.75 is 25% below it)")
 
@@ -126,8 +150,10 @@ class GateConfig(Strict):
 
 
 class TransformConfig(Strict):
-    name: str
-    args: dict[str, Any] = Field(default_factory=dict)
+    """An on-the-fly transform of the batches (Ray Data), by registered name, with its arguments."""
+
+    name: str = Field(description="a registered transform, e.g. ctc_targets")
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the transform")
 
 
 # Metrics where smaller is better: losses and error rates (CER, WER, DER, EER, ...).
@@ -140,7 +166,7 @@ def lower_is_better(metric: str) -> bool:
 
 
 class PhaseBase(Strict):
-    """Keys every phase kind has. Each kind is its own model with only its keys (see the subclasses);
+    """Keys every phase kind has. Each kind is its own model with only its keys (a subclass per kind);
     `kind` picks the model, so a key of another kind is an unknown key."""
 
     # What the kind does, for the engine (never branched on by name): a kind that trains weights is what
@@ -149,12 +175,16 @@ class PhaseBase(Strict):
     trains: ClassVar[bool] = False
     model_from_source: ClassVar[bool] = False
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: str = "train"
-    model: ModelConfig | None = None
-    init_from: str | InitFromConfig | None = None
-    scaling: ScalingConfig | None = None
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the phase's name (its folder in the run, "
+                                                                "its MLflow run, what later phases refer to)")
+    kind: str = Field("train", description="the phase kind, which decides the phase's keys")
+    model: ModelConfig | None = Field(None, description="default: the pipeline's model (for a kind that "
+                                                        "loads another phase's weights, that phase's model)")
+    init_from: str | InitFromConfig | None = Field(
+        None, description="the weights to start from: an earlier phase's name, or InitFromConfig's rules")
+    scaling: ScalingConfig | None = Field(None, description="default: the pipeline's scaling")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast dtype; auto: bf16 on a GPU that has it (else fp16), fp32 on CPU")
 
     @property
     def init(self) -> InitFromConfig | None:
@@ -166,14 +196,18 @@ class PhaseBase(Strict):
 class ScoredPhase(PhaseBase):
     """Keys of a phase that scores a dataset (`eval`) with metrics and losses."""
 
-    eval: str | None = None
-    losses: dict[str, float] = Field(default_factory=dict)
-    metrics: list[str] = Field(default_factory=list)
-    eval_transforms: list[TransformConfig] = Field(default_factory=list)
-    batch_size: int = Field(8, ge=1)
-    eval_batch_size: int | None = Field(None, ge=1)
+    eval: str | None = Field(None, description="the dataset scored (a `data:` name or a cached dataset)")
+    losses: dict[str, float] = Field(
+        default_factory=dict,
+        description="loss name -> weight; their weighted sum is the loss (train/loss, eval/loss)")
+    metrics: list[str] = Field(default_factory=list, description="metrics scored on `eval`, e.g. [cer, wer]")
+    eval_transforms: list[TransformConfig] = Field(default_factory=list,
+                                                   description="transforms of the eval batches, in order")
+    batch_size: int = Field(8, ge=1, description="rows per batch (per worker)")
+    eval_batch_size: int | None = Field(None, ge=1, description="rows per eval batch; default: batch_size")
     cache_eval: bool = Field(True, description="keep the collated eval batches in worker memory")
-    gates: list[GateConfig] = Field(default_factory=list)
+    gates: list[GateConfig] = Field(default_factory=list, description="bounds on the final metrics: a phase "
+                                                                      "that misses one stops the pipeline")
     best_metric: str | None = Field(None, description="e.g. eval/si_sdri; default: eval/loss")
     best_mode: Literal["min", "max"] | None = Field(
         None, description="default: min for a loss or an error rate (cer, wer, ...), else max")
@@ -199,15 +233,17 @@ class ModuleConfig(Strict):
     own `losses` on the step's batches and the model's outputs, detached. Its losses are
     `fn(outputs, batch, modules=..., teacher=...)`: they call `modules[<name>]` themselves."""
 
-    model: ModelConfig
-    init_from: str | InitFromConfig | None = None
+    model: ModelConfig = Field(description="the module's model")
+    init_from: str | InitFromConfig | None = Field(None, description="its starting weights (as a phase's "
+                                                                     "init_from); default: a fresh init")
     losses: dict[str, float] = Field(min_length=1, description="loss name -> weight; what this module minimises")
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig())
-    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig())
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(), description="its own optimizer")
+    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(),
+                                     description="its own schedule, over its updates in the phase")
     updates_per_step: int = Field(1, ge=1, description="updates of this module per step of the phase's model "
                                                        "(e.g. 5 for a DMD fake-score network)")
     every: int = Field(1, ge=1, description="update on every N-th step of the phase's model only")
-    grad_clip: float | None = Field(None, gt=0)
+    grad_clip: float | None = Field(None, gt=0, description="clip its gradients' global norm to this")
 
     @property
     def init(self) -> InitFromConfig | None:
@@ -231,32 +267,41 @@ class LoraSpec(Strict):
     target_modules: list[str] = Field(..., min_length=1, description="globs of Linear layers, e.g. blocks.*.attn.q")
     train_all: bool = Field(False, description="train the base weights too (else frozen)")
 
-    @field_validator("target_modules", mode="before")
+    @field_validator("target_modules", mode="before",
+                     json_schema_input_type=str | Annotated[list[str], Field(min_length=1)])
     @classmethod
     def _one(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
 
 class TrainPhaseConfig(ScoredPhase):
-    """`train`: optimise the model on `train` datasets, evaluating on `eval`."""
+    """`train`: optimise the model on `train` datasets, evaluating on `eval`. Needs `train` and `losses`
+    (in the phase or in `defaults:`)."""
 
     trains: ClassVar[bool] = True
 
-    kind: Literal["train"] = "train"  # type: ignore[assignment]
-    train: list[TrainSource] = Field(default_factory=list)
-    trainable: list[str] | Literal["all"] | None = None
-    freeze: list[str] | None = None
-    lora: LoraSpec | None = None
-    transforms: list[TransformConfig] = Field(default_factory=list)
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig())
-    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig())
-    param_groups: list[ParamGroupConfig] = Field(default_factory=list)
-    grad_accum: int = Field(1, ge=1)
-    max_steps: int = Field(1000, ge=1)
-    eval_every: int = Field(500, ge=1)
-    checkpoint_every: int = Field(500, ge=1)
-    log_every: int = Field(10, ge=1)
-    grad_clip: float | None = Field(None, gt=0)
+    kind: Literal["train"] = Field(  # type: ignore[assignment]
+        "train", description="picks this kind (the default)")
+    train: list[TrainSource] = Field(
+        default_factory=list, description="the datasets to train on: [a, b], [{name: a, weight: 2}] or "
+                                          "{a: 1, b: 2}; several are interleaved by weight")
+    trainable: list[str] | Literal["all"] | None = Field(
+        None, description="globs of the parameters that train (the rest are frozen), or all; default: all")
+    freeze: list[str] | None = Field(None, description="globs of the parameters that stay frozen")
+    lora: LoraSpec | None = Field(None, description="train LoRA adapters instead of the model's weights")
+    transforms: list[TransformConfig] = Field(default_factory=list,
+                                              description="transforms of the train batches, in order")
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(), description="the optimizer")
+    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(),
+                                     description="the learning-rate schedule")
+    param_groups: list[ParamGroupConfig] = Field(default_factory=list,
+                                                 description="parameters with their own lr or weight decay")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_steps: int = Field(1000, ge=1, description="optimizer steps of the phase")
+    eval_every: int = Field(500, ge=1, description="steps between evaluations on `eval`")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    log_every: int = Field(10, ge=1, description="steps between logged train metrics")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradients' global norm to this")
     max_bad_steps: int = Field(10, ge=1, description="abort after this many non-finite losses in a row")
     shuffle_buffer: int = Field(0, ge=0, description="rows reshuffled per epoch in a buffer; 0 = the seeded file order only")
     fail_at_step: int | None = Field(None, ge=1, description="testing: rank 0 exits once at this step")
@@ -272,7 +317,8 @@ class TrainPhaseConfig(ScoredPhase):
                 raise ValueError(f"modules: {name!r} is not a module name (letters, digits, '_')")
         return value
 
-    @field_validator("train", mode="before")
+    @field_validator("train", mode="before", json_schema_input_type=(
+        str | list[str | TrainSource] | dict[str, Annotated[float, Field(gt=0)]]))
     @classmethod
     def _train_sources(cls, value: Any) -> Any:
         """Accept `[a, b]`, `[{name: a, weight: 2}]` and `{a: 1, b: 2}`."""
@@ -284,7 +330,7 @@ class TrainPhaseConfig(ScoredPhase):
             return [{"name": v} if isinstance(v, str) else v for v in value]
         return value
 
-    @field_validator("trainable", "freeze", mode="before")
+    @field_validator("trainable", "freeze", mode="before", json_schema_input_type=str | list[str] | None)
     @classmethod
     def _patterns(cls, value: Any) -> Any:
         if isinstance(value, str) and value != "all":
@@ -305,11 +351,12 @@ class TrainPhaseConfig(ScoredPhase):
 
 
 class EvaluatePhaseConfig(ScoredPhase):
-    """`evaluate`: metrics (and gates) of init_from's weights on `eval`, no training."""
+    """`evaluate`: metrics (and gates) of init_from's weights on `eval`, no training. Needs `init_from`,
+    `eval`, and `metrics` or `losses`."""
 
     model_from_source: ClassVar[bool] = True
 
-    kind: Literal["evaluate"] = "evaluate"  # type: ignore[assignment]
+    kind: Literal["evaluate"] = Field("evaluate", description="picks this kind")  # type: ignore[assignment]
 
     @model_validator(mode="after")
     def _consistent(self) -> EvaluatePhaseConfig:
@@ -325,9 +372,9 @@ class EvaluatePhaseConfig(ScoredPhase):
 class TeacherConfig(Strict):
     """The frozen model a `distill` phase learns from: an earlier phase's weights or a checkpoint file."""
 
-    phase: str | None = None
-    path: str | None = None
-    checkpoint: Literal["best", "last"] = "best"
+    phase: str | None = Field(None, description="an earlier phase whose weights teach")
+    path: str | None = Field(None, description="a checkpoint (model.pt) that teaches; needs `model`")
+    checkpoint: Literal["best", "last"] = Field("best", description="which of the phase's checkpoints")
     model: ModelConfig | None = Field(None, description="default: the model of `phase`; required with `path`")
     args: dict[str, Any] = Field(default_factory=dict,
                                  description="model arguments that differ when it teaches (e.g. a flow teacher's "
@@ -345,10 +392,10 @@ class TeacherConfig(Strict):
 
 class DistillPhaseConfig(TrainPhaseConfig):
     """`distill`: a student (`model`, `init_from`) trains on its losses, which also receive the outputs of
-    a frozen `teacher` on the same batch."""
+    a frozen `teacher` on the same batch. Needs what a train phase needs, and `teacher`."""
 
-    kind: Literal["distill"] = "distill"  # type: ignore[assignment]
-    teacher: TeacherConfig | None = None
+    kind: Literal["distill"] = Field("distill", description="picks this kind")  # type: ignore[assignment]
+    teacher: TeacherConfig | None = Field(None, description="the frozen teacher (required)")
 
     @model_validator(mode="after")
     def _has_teacher(self) -> DistillPhaseConfig:
@@ -362,11 +409,12 @@ class ColumnDecl(Strict):
     """A column a `cache` phase writes: which model output it holds and its role in the dataset."""
 
     output: str | None = Field(None, description="the model output key (default: the column's name)")
-    role: Literal["features", "tokens", "audio", "label"] = "features"
+    role: Literal["features", "tokens", "audio", "label"] = Field("features", description="what the column "
+                                                                                          "holds")
     frame_rate: float | None = Field(None, gt=0, description="frames per second (features, tokens)")
     dims: int | None = Field(None, ge=1, description="values per frame (features); default: the model's output's")
     sample_rate: int | None = Field(None, gt=0, description="audio")
-    dtype: str = "float32"
+    dtype: str = Field("float32", description="numpy dtype of the stored values")
     codebook_size: int | None = Field(
         None, ge=1, description="tokens: the codebook's size; the phase reports each dataset's codebook usage and "
                                 "code perplexity")
@@ -380,18 +428,20 @@ class ColumnDecl(Strict):
 
 class CachePhaseConfig(PhaseBase):
     """`cache`: run a frozen model over datasets (Ray Data, an actor pool) and write its outputs as new
-    datasets that later phases name like any `data:` entry."""
+    datasets that later phases name like any `data:` entry. Needs `datasets`, `columns`, and `init_from` or
+    a `model` that brings its own weights."""
 
     model_from_source: ClassVar[bool] = True
 
-    kind: Literal["cache"] = "cache"  # type: ignore[assignment]
+    kind: Literal["cache"] = Field("cache", description="picks this kind")  # type: ignore[assignment]
     datasets: dict[str, str] = Field(description="source dataset -> name of the dataset this phase writes")
     columns: dict[str, ColumnDecl] = Field(description="column written -> model output and role")
     carry: list[str] = Field(default_factory=list, description="source columns copied beside the outputs")
-    eval_transforms: list[TransformConfig] = Field(default_factory=list)
-    batch_size: int = Field(8, ge=1)
+    eval_transforms: list[TransformConfig] = Field(default_factory=list,
+                                                   description="transforms of the source batches, in order")
+    batch_size: int = Field(8, ge=1, description="rows per batch the model runs on")
     cache_dir: str = Field("data/cache", description="folder of cached datasets (one subfolder per cache key)")
-    rows_per_shard: int = Field(200, ge=1)
+    rows_per_shard: int = Field(200, ge=1, description="rows per written shard")
     verify_lengths: Annotated[int, Field(ge=1)] | Literal["all"] | None = Field(
         None, description="compare length_columns' lengths in the first N written rows of every dataset (or all)")
     length_columns: tuple[str, str] = Field(
@@ -423,12 +473,14 @@ EXPORT_TOLERANCE = {"fp32": 1e-4, "int8": 0.5, "torchscript": 1e-5}  # max abs d
 
 class ExportPhaseConfig(ScoredPhase):
     """`export`: a phase's weights to ONNX (and TorchScript), optionally int8, checked against torch on `eval`
-    batches; no Ray Train."""
+    batches; no Ray Train. Needs `init_from` and `eval`."""
 
     model_from_source: ClassVar[bool] = True
 
-    kind: Literal["export"] = "export"  # type: ignore[assignment]
-    formats: list[ExportFormat] = Field(default_factory=lambda: list[ExportFormat](["onnx"]))
+    kind: Literal["export"] = Field("export", description="picks this kind")  # type: ignore[assignment]
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: list[ExportFormat](["onnx"]),
+        description="onnx (model.onnx, always written); torchscript adds model.ts")
     int8: bool = Field(False, description="also write a dynamically quantised int8 ONNX model (onnxruntime)")
     int8_ops: list[str] | None = Field(
         None, description="ONNX op types int8 quantises (default: all onnxruntime can); e.g. [Conv, Gemm] keeps a "
@@ -480,9 +532,11 @@ PhaseConfig = Annotated[
 
 
 class TrackingConfig(Strict):
+    """MLflow: where each phase's params, metrics and files are logged."""
+
     uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<runs_dir>/mlflow.db")
-    experiment: str | None = None
-    enabled: bool = True
+    experiment: str | None = Field(None, description="MLflow experiment; default: the pipeline's name")
+    enabled: bool = Field(True, description="false: log nothing to MLflow")
     log_model: bool = Field(
         True, description="log each finished train phase's best weights as an MLflow pytorch model (its URI goes "
                           "to summary.json as mlflow_model_uri); loading it needs raytrain importable")
@@ -507,19 +561,27 @@ class TrackingConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
-    runs_dir: str = "runs"
+    """A pipeline YAML: its datasets, its model and its phases, run in order."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the pipeline's name: its folder under "
+                                                                "runs_dir, its default MLflow experiment")
+    seed: int = Field(0, description="seeds weights, data order and transforms")
+    runs_dir: str = Field("runs", description="folder of run folders (<runs_dir>/<name>/<timestamp>)")
     storage: str | None = Field(
         None, description="s3://bucket/runs or gs://... (or a shared folder): Ray Train's checkpoints, each "
                           "phase's best/last weights and summary.json go there, so any node can load them and "
                           "--resume works from a fresh machine; runs_dir keeps a local copy of the run folder")
-    data: dict[str, DatasetConfig]
-    model: ModelConfig
-    scaling: ScalingConfig = Field(default_factory=lambda: ScalingConfig())
-    tracking: TrackingConfig = Field(default_factory=lambda: TrackingConfig())
-    defaults: dict[str, Any] = Field(default_factory=dict, description="merged into every phase")
-    phases: list[PhaseConfig] = Field(min_length=1)
+    data: dict[str, DatasetConfig] = Field(
+        description="dataset name -> its prepared shards; phases name them")
+    model: ModelConfig = Field(description="the model of every phase that names none")
+    scaling: ScalingConfig = Field(default_factory=lambda: ScalingConfig(),
+                                   description="Ray Train workers of every phase that sets none")
+    tracking: TrackingConfig = Field(default_factory=lambda: TrackingConfig(), description="MLflow")
+    defaults: dict[str, Any] = Field(
+        default_factory=dict, description="phase keys given to every phase whose kind has them; a phase's "
+                                          "own value wins, mappings merge key by key")
+    phases: list[PhaseConfig] = Field(min_length=1, description="the phases, run in order; `kind` picks each "
+                                                                "one's keys")
     _raw: dict[str, Any] | None = PrivateAttr(None)  # the YAML before defaults were merged (sweeps)
 
     def phase(self, name: str) -> AnyPhase:
