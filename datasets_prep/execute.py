@@ -26,6 +26,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -161,18 +162,13 @@ def _finished(out_dir: Path, i: int, key: str) -> dict[str, Any] | None:
     return record
 
 
-class _ChunkTask:
+def _write_chunks(batch: dict[str, np.ndarray], out_dir: str, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
     """map_batches UDF (batch_size=1): one chunk per call."""
-
-    def __init__(self, out_dir: str, kwargs: dict[str, Any]) -> None:
-        self.out_dir, self.kw = Path(out_dir), kwargs
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = []
-        for i, payload, key in zip(batch["index"], batch["items"], batch["key"], strict=True):
-            rec = write_chunk(self.out_dir, int(i), json.loads(payload), str(key), **self.kw)
-            out.append(json.dumps(rec))
-        return {"record": np.array(out, dtype=object)}
+    out = []
+    for i, payload, key in zip(batch["index"], batch["items"], batch["key"], strict=True):
+        rec = write_chunk(Path(out_dir), int(i), json.loads(payload), str(key), **kwargs)
+        out.append(json.dumps(rec))
+    return {"record": np.array(out, dtype=object)}
 
 
 def run_chunks(out_dir: Path, todo: list[tuple[int, list[dict[str, Any]], str]], kwargs: dict[str, Any],
@@ -187,17 +183,19 @@ def run_chunks(out_dir: Path, todo: list[tuple[int, list[dict[str, Any]], str]],
     import ray
     import ray.data
 
-    if not ray.is_initialized():  # a local Ray on loopback, set up as for training
-        from raytrain.session import ray_init
+    from raytrain.session import quiet_data_context, ray_init
 
+    if not ray.is_initialized():  # a local Ray on loopback, set up as for training
         ray_init()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # one bar: ours, per finished shard
-    ctx.print_on_execution_start = False
+    quiet_data_context()  # one bar: ours, per finished shard
     source = ray.data.from_items([{"index": i, "items": json.dumps(items), "key": key} for i, items, key in todo],
                                  override_num_blocks=len(todo))
-    ds = source.map_batches(_ChunkTask, fn_constructor_args=(str(out_dir), kwargs), batch_size=1,
-                        batch_format="numpy", concurrency=workers, num_cpus=1)
+    # At most `workers` tasks at once, and no more than there are chunks (Ray Data warns of a limit above its
+    # inputs). `compute=`: `concurrency=` is deprecated since Ray 2.51. Tasks, not an actor pool: a chunk needs
+    # no set-up to keep, and Ray warns of every pool actor whose constructor arguments are in the object store.
+    size = min(workers, len(todo))
+    ds = source.map_batches(partial(_write_chunks, out_dir=str(out_dir), kwargs=kwargs), batch_size=1,
+                            batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=size), num_cpus=1)
     for row in ds.iter_rows():
         on_done(json.loads(row["record"]))
 

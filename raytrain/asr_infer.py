@@ -16,9 +16,10 @@ from typing import Any
 
 import jiwer
 import numpy as np
-import soundfile as sf
 import torch
 import torchaudio.functional as AF
+
+from raytrain.infer import InputError, check_audio, open_audio
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Utterance:
     id: str
     path: str
     reference: str | None = None
+    what: str = "input"  # how an error names it: an input file, or a manifest's utterance
 
 
 @dataclass
@@ -38,21 +40,35 @@ class StreamResult:
 
 
 def read_inputs(paths: list[str]) -> list[Utterance]:
-    """Audio files as they are; a ``.tsv`` expands to its rows (with ``tgt_text`` as the reference)."""
-    from datasets_prep.readers.manifests import list_items
+    """Audio files as they are; a ``.tsv`` expands to its rows (with ``tgt_text`` as the reference). Every
+    audio file's header is checked here, before anything is decoded: InputError (one line naming the file)
+    for a manifest or audio file that cannot be used."""
+    from datasets_prep.readers.manifests import ReaderError, list_items
 
     out = []
     for p in paths:
         if p.endswith(".tsv"):
-            out += [Utterance(str(it["id"]), str(it["audio"]), str(it.get("text") or "") or None)
-                    for it in list_items("tsv", p)]
+            if not Path(p).is_file():
+                raise InputError(f"{p}: manifest not found")
+            try:
+                items = list_items("tsv", p)
+            except ReaderError as exc:  # names the file (and line) and what it expected
+                raise InputError(str(exc)) from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(f"{p}: not a UTF-8 TSV manifest ({exc}); give a tab-separated file with a header "
+                                 "line (id, audio, tgt_text)") from None
+            out += [Utterance(str(it["id"]), str(it["audio"]), str(it.get("text") or "") or None,
+                              f"audio of utterance {it['id']} in {p}") for it in items]
         else:
             out.append(Utterance(Path(p).stem, p))
+    for u in out:
+        check_audio(u.path, u.what)
     return out
 
 
-def load_audio(path: str, rate: int) -> torch.Tensor:
-    wave, sr = sf.read(path, dtype="float32", always_2d=True)
+def load_audio(path: str, rate: int, what: str = "input") -> torch.Tensor:
+    """Mono (a stereo file mixed down) float32 at `rate`; InputError for a file it cannot use."""
+    wave, sr = open_audio(Path(path), what)
     x = torch.from_numpy(np.ascontiguousarray(wave.mean(axis=1)))
     return AF.resample(x, sr, rate) if sr != rate else x
 
@@ -83,7 +99,7 @@ def run(model: Any, inputs: list[str], chunk_s: float | None, out: Any = print) 
     utts = read_inputs(inputs)
     rows, refs = [], []
     for u in utts:
-        r = recognize(model, load_audio(u.path, model.sample_rate), chunk_s)
+        r = recognize(model, load_audio(u.path, model.sample_rate, u.what), chunk_s)
         rows.append(r)
         refs.append(norm(u.reference) if u.reference else None)
         line = f"{u.id}\t{r.streamed if chunk_s else r.full}"

@@ -23,11 +23,11 @@ import torch
 import torchaudio.functional as AF
 
 from datasets_prep.av import video_frames
+from raytrain.infer import InputError, open_audio
 from raytrain.models.av import AVTSEASR
-from raytrain.vc_infer import open_audio
 
 
-class AVInputError(ValueError):
+class AVInputError(InputError):
     """A mixture or video that the model cannot take; the message names the file and the reason."""
 
 
@@ -35,11 +35,9 @@ def read_mixture(path: str | Path, sample_rate: int) -> tuple[np.ndarray, float]
     """Mono float32 audio at `sample_rate` and its duration in seconds; AVInputError if missing, not audio,
     empty or not mono."""
     p = Path(path)
-    wave, sr = open_audio(p, "mixture", AVInputError)
+    wave, sr = open_audio(p, "mixture", AVInputError, max_channels=None)  # empty or unreadable: one line
     if wave.shape[1] != 1:
         raise AVInputError(f"{p}: mixture has {wave.shape[1]} channels; give a mono recording")
-    if len(wave) == 0:
-        raise AVInputError(f"{p}: mixture is empty")
     mono = wave[:, 0]
     if sr != sample_rate:
         mono = AF.resample(torch.from_numpy(np.ascontiguousarray(mono)), sr, sample_rate).numpy()

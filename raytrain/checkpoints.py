@@ -12,7 +12,9 @@ import fnmatch
 import json
 import os
 import pickle
+import re
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,24 +55,53 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         os.rmdir(tmp_dir)
 
 
+RESAVE = "torch.save(model.state_dict(), 'model.pt')"
+
+
 def load_data(path: str | Path) -> Any:
     """A checkpoint file as data: tensors, numbers, strings, lists, tuples and dicts only
     (`torch.load(weights_only=True)`), so a file from anywhere cannot run code when it is read.
-    Anything else in it (a pickled class, a function, a numpy array) is refused, naming the file."""
+    Anything else in it (a pickled class, a function, a numpy array) is refused, and a file that is not a torch
+    checkpoint at all (cut short, empty, another format) is a CheckpointError; both one line naming the file."""
+    p = Path(path)
+    if p.is_file() and p.stat().st_size == 0:
+        raise CheckpointError(f"{p}: not a readable torch checkpoint: an empty file (0 bytes); copy it again, or "
+                              "give a model.pt/state.pt that a run wrote")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
     except pickle.UnpicklingError as e:
-        detail = str(e).split("\n")[0][:300]
+        # torch names what it refused: "Unsupported global: GLOBAL x.Y", "unsupported GLOBAL posix.system"
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None:  # not refused for what it holds: the bytes are not a pickle torch.load can follow
+            raise CheckpointError(_unreadable(p, e)) from None
         raise CheckpointError(
-            f"{path}: refused: it holds Python objects beyond tensors and plain types, and raytrain loads "
-            "checkpoints as data only (nothing in them is run). If you trust its source, re-save its weights "
-            "as a plain state dict (torch.save(model.state_dict(), 'model.pt')) and load that. "
-            f"torch said: {detail}") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or another format?): "
-                              f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+            f"{path}: refused: it holds Python objects beyond tensors and plain types ({found[1]}), and raytrain "
+            "loads checkpoints as data only (nothing in them is run). If you trust its source, re-save its "
+            f"weights as a plain state dict ({RESAVE}) and load that.") from None
+    except Exception as e:  # torch.load reading bytes that are not a checkpoint fails in many ways (RuntimeError
+        # from the zip reader, EOFError, UnicodeDecodeError, KeyError, IndexError, ...): all name the file
+        raise CheckpointError(_unreadable(p, e)) from None
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    """`<path>: not a readable torch checkpoint (<what it is instead>); <fix>`."""
+    text = str(exc).strip()
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # the reason inside torch's long weights_only text
+    first = found[1] if found else (text.splitlines() or [""])[0]
+    first = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", first)  # c10's source location
+    first = first.split(". ")[0].rstrip(".")[:160] or type(exc).__name__
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        what = "cut short: it starts as torch's zip format but its end is missing"
+    elif head == b"PK\x03\x04":
+        what = f"a zip archive, but not one torch.save wrote: {first}"
+    else:
+        what = f"neither torch's zip format nor a pickle it reads: {first}"
+    return (f"{path}: not a readable torch checkpoint ({what}); copy it again if it was cut short, or give a "
+            f"model.pt/state.pt that a run wrote ({RESAVE})")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -108,8 +139,23 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     obj = load_data(p)
     state = obj["model"] if isinstance(obj, dict) and "model" in obj else obj
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{p}: not a state dict checkpoint (a mapping of parameter names to tensors)")
+        raise CheckpointError(f"{p}: not a state dict checkpoint (a mapping of parameter names to tensors): it "
+                              f"holds {_describe(state)}; give a model.pt/state.pt that a run wrote ({RESAVE})")
     return strip_ddp(state)
+
+
+def _describe(obj: Any) -> str:
+    """What a checkpoint holds, in a few words: `a list of 3 items`, `a dict whose 'lr' is a float`."""
+    if isinstance(obj, torch.Tensor):
+        return f"one tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, dict):
+        bad = next(((k, v) for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+        if bad is None:
+            return "a dict"
+        return f"a dict whose {str(bad[0])[:60]!r} is a {type(bad[1]).__name__}"
+    if isinstance(obj, list | tuple):
+        return f"a {type(obj).__name__} of {len(obj)} items"
+    return f"a {type(obj).__name__}"
 
 
 def _matches(name: str, patterns: list[str]) -> bool:

@@ -1,4 +1,4 @@
-"""raytrain command line: prep | plan | run | tune | infer | ckpt diff | demo | cluster-check."""
+"""raytrain command line: prep | plan | run | tune | infer | ckpt diff | demo | cluster-check | schema."""
 
 from __future__ import annotations
 
@@ -13,15 +13,25 @@ from raytrain.config.loader import ConfigError, load_config
 
 def _plan(args: argparse.Namespace) -> int:
     from raytrain.plan import check_pipeline, format_plan
+    from raytrain.preflight import check_datasets
 
     cfg = load_config(args.config, args.override)
+    check_datasets(cfg, prepared=False)  # a bucket that does not answer, a bad manifest: one line
     print(format_plan(cfg, check_pipeline(cfg)), end="")
     return 0
+
+
+def _verbosity(args: argparse.Namespace) -> None:
+    """`--verbose`: Ray's worker log lines go to this command's output too."""
+    from raytrain.session import set_verbose
+
+    set_verbose(bool(getattr(args, "verbose", False)))
 
 
 def _run(args: argparse.Namespace) -> int:
     from raytrain.pipeline import PipelineRunner, summary_table
 
+    _verbosity(args)
     cfg = load_config(args.config, args.override)
     only = [p.strip() for p in args.phases.split(",")] if args.phases else None
     runner = PipelineRunner(cfg, config_text=Path(args.config).read_text(), resume=args.resume, only=only,
@@ -38,10 +48,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from raytrain.config.sweep import load_sweep
+    from raytrain.jobs import job_paths
+    from raytrain.pipeline import resolve_paths
+    from raytrain.preflight import preflight
     from raytrain.tune import Sweep
 
+    _verbosity(args)
     cfg = load_config(args.config, args.override)
     sweep = load_sweep(args.sweep)
+    preflight(resolve_paths(job_paths(cfg)[0]))  # its bucket, MLflow server and datasets, before Ray starts
     runner = Sweep(cfg, sweep, sweep_text=Path(args.sweep).read_text(), resume=args.resume, sweep_dir=args.sweep_dir,
                    base_run=args.base_run)
     print(f"sweep folder: {runner.dir}  ({sweep.trials_expected()} trials of phase {sweep.phase!r}, "
@@ -56,6 +71,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _prep(args: argparse.Namespace) -> int:
+    _verbosity(args)
     if args.input is not None or args.format is not None:
         return _prep_flags(args)
     if args.config is None:
@@ -103,7 +119,7 @@ def _prep_flags(args: argparse.Namespace) -> int:
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from raytrain.infer import load_model, separate_file
+    from raytrain.infer import check_audio, load_model, separate_file
     from raytrain.models import AVTSEASR, CTCASR
 
     if args.lyrics is not None or args.prompt is not None:
@@ -118,9 +134,9 @@ def _infer(args: argparse.Namespace) -> int:
     from raytrain.models.vc import VCFlow
 
     if isinstance(model, VCFlow):
-        return vc_infer.run(model, args.ref, args.inputs, args.output, args.steps)
+        return vc_infer.run(model, args.ref, args.inputs, _out_folder(args), args.steps)
     if vc_infer.is_vc_export(model):
-        return vc_infer.run(vc_infer.OnnxConverter(model), args.ref, args.inputs, args.output, args.steps)
+        return vc_infer.run(vc_infer.OnnxConverter(model), args.ref, args.inputs, _out_folder(args), args.steps)
     if args.ref is not None or args.steps is not None:
         print("error: --ref and --steps are for voice-conversion models (vc_flow)", file=sys.stderr)
         return 2
@@ -133,10 +149,22 @@ def _infer(args: argparse.Namespace) -> int:
             print("(a Conformer model: full-utterance decoding only; streaming needs the Emformer encoder)")
         asr_infer.run(model, args.inputs, chunk)
         return 0
+    out = _out_folder(args)
+    for wav in args.inputs:  # every input checked before any is separated
+        check_audio(wav)
     for wav in args.inputs:
-        for p in separate_file(model, wav, args.output):
+        for p in separate_file(model, wav, out):
             print(p)
     return 0
+
+
+def _out_folder(args: argparse.Namespace) -> str:
+    """`-o`, the folder the outputs go to; InputError when it is a file."""
+    from raytrain.infer import InputError
+
+    if Path(args.output).is_file():
+        raise InputError(f"-o {args.output}: is a file; give the folder to write the outputs to")
+    return str(args.output)
 
 
 def _infer_av(args: argparse.Namespace, model: object) -> int:
@@ -155,11 +183,7 @@ def _infer_av(args: argparse.Namespace, model: object) -> int:
     if args.ref is not None or args.steps is not None:
         print("error: --ref and --steps are for voice-conversion models (vc_flow)", file=sys.stderr)
         return 2
-    try:
-        return av_infer.run(model, args.video, args.inputs, args.output)
-    except av_infer.AVInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return av_infer.run(model, args.video, args.inputs, _out_folder(args))  # a file that does not fit: AVInputError
 
 
 def _infer_song(args: argparse.Namespace) -> int:
@@ -172,12 +196,8 @@ def _infer_song(args: argparse.Namespace) -> int:
         print(f"error: a song generator takes no input files (got {args.inputs[0]}); give --lyrics and --prompt",
               file=sys.stderr)
         return 2
-    try:
-        return music_infer.run(args.source, args.lyrics, args.prompt, args.output, args.phase, args.adapter,
-                               args.sketch, args.seconds)
-    except music_infer.InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return music_infer.run(args.source, args.lyrics, args.prompt, args.output, args.phase, args.adapter,
+                           args.sketch, args.seconds)  # a bad input: InputError
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -185,6 +205,7 @@ def _demo(args: argparse.Namespace) -> int:
     from datasets_prep.prep import run_prep
     from raytrain.pipeline import PipelineRunner, summary_table
 
+    _verbosity(args)
     root = Path(args.root)
     t0 = time.time()
     run_prep(root / "configs/prep/separation_tiny.yaml", root=root)
@@ -246,6 +267,12 @@ def _cluster_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schema(args: argparse.Namespace) -> int:
+    from raytrain.config.reference import write_reference
+
+    return write_reference("markdown" if args.markdown else "json", args.output)
+
+
 INFER_HELP = ("separate, transcribe or convert audio files, extract a talker with a lip video, or generate a song, "
               "with a trained model")
 
@@ -255,8 +282,8 @@ def infer_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     r.wav a.wav`), so the input files may be none (a song generator takes --lyrics and --prompt)."""
     p.add_argument("source", help="run folder runs/<pipeline>/<id>, a phase folder, a model.pt, "
                                   "or an exported separation or vc_flow model .onnx (onnxruntime, CPU)")
-    p.add_argument("inputs", nargs="*", help="input wav/flac files (any sample rate); ASR also takes .tsv manifests; "
-                                             "none for a song generator")
+    p.add_argument("inputs", nargs="*", help="input wav/flac files (mono or stereo, any sample rate); ASR also takes "
+                                             ".tsv manifests; none for a song generator")
     p.add_argument("-o", "--output", default="out", help="output folder (default: out/); a song: its .wav path")
     p.add_argument("--phase", help="phase whose best checkpoint to use (default: the last finished)")
     p.add_argument("--chunk-ms", type=float, default=640.0,
@@ -277,12 +304,21 @@ def infer_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="raytrain", description=__doc__)
+    # `main` takes --debug out of the command line wherever it is (every subcommand accepts it); listed here
+    # for --help
+    ap.add_argument(DEBUG, action="store_true", help="on an error, show its Python traceback instead of the "
+                                                     "one-line message (before or after the subcommand)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="pipeline YAML, e.g. configs/pipelines/separation_tiny.yaml")
         p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                        help="e.g. -o phases.1.optim.lr=3e-4 or -o phases.long.max_steps=10 (repeatable)")
+
+    def with_verbose(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="also print Ray's worker log lines, `(RayTrainWorker pid=...) ...` (default: the "
+                            "session's log files only; a failed phase still shows its worker's error)")
 
     p = sub.add_parser("plan", help="validate a pipeline and print its phase table (no Ray)")
     with_config(p)
@@ -296,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a gate that is not met is recorded in summary.json and MLflow; the pipeline goes on")
     p.add_argument("--rebuild-cache", action="store_true",
                    help="cache phases run their model again even where a cached dataset has the same key")
+    with_verbose(p)
     p.set_defaults(fn=_run)
     p = sub.add_parser("tune", help="sweep one phase's config with Ray Tune (ASHA), every trial in MLflow")
     with_config(p)
@@ -306,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-dir", help="use this sweep folder (default runs/<pipeline>/sweeps/<timestamp>)")
     p.add_argument("--base-run", metavar="RUN",
                    help="take the phases before the swept one from this finished run of the same config")
+    with_verbose(p)
     p.set_defaults(fn=_tune)
     p = sub.add_parser("prep", help="prepare a corpus into Parquet shards (a prep YAML, or flags)")
     p.add_argument("config", nargs="?", help="prep YAML, e.g. configs/prep/separation_tiny.yaml")
@@ -322,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split ratios, e.g. train=0.9,dev=0.05,test=0.05: one dataset folder each")
     p.add_argument("--split-by", default="item", choices=["item", "speaker"], help="split by item or by speaker")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    with_verbose(p)
     p.set_defaults(fn=_prep)
     infer_args(sub.add_parser("infer", help=INFER_HELP))
     p = sub.add_parser("ckpt", help="checkpoint tools: `ckpt diff CKPT PIPELINE --phase P`")
@@ -334,10 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="prep a tiny corpus and run separation_tiny.yaml end to end")
     p.add_argument("--root", default=".", help="project folder holding configs/")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    with_verbose(p)
     p.set_defaults(fn=_demo)
     p = sub.add_parser("cluster-check", help="check Ray cluster-launcher YAMLs offline (no cloud, no Ray started)")
     p.add_argument("configs", nargs="+", help="e.g. cluster.yaml configs/clusters/gcp.yaml")
     p.set_defaults(fn=_cluster_check)
+    p = sub.add_parser("schema", help="the pipeline YAML's reference from the config models: Markdown "
+                                      "(docs/config.md) or a JSON Schema for editors")
+    fmt = p.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--markdown", action="store_true", help="each key's type, default, constraint, meaning")
+    fmt.add_argument("--json", action="store_true", help="a JSON Schema (draft 2020-12) of pipeline YAMLs")
+    p.add_argument("-o", "--output", help="file to write (default: stdout)")
+    p.set_defaults(fn=_schema)
     return ap
 
 
@@ -399,8 +446,37 @@ def _prep_dummy_songs(args: argparse.Namespace) -> int:
     return 0
 
 
+DEBUG = "--debug"
+# Exceptions that are the user's to fix: a bad config key, file or path. Named by module so that checking one
+# imports nothing (a module not imported yet cannot have raised its error).
+USER_ERRORS = (("raytrain.checkpoints", "CheckpointError"), ("raytrain.infer", "InputError"),
+               ("raytrain.runs", "SummaryError"))
+
+
+def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """`argv` without `--debug` (taken anywhere before a `--`, so every subcommand accepts it before or after
+    its own arguments), and whether it was given."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if DEBUG not in argv[:end]:
+        return argv, False
+    return [a for a in argv[:end] if a != DEBUG] + argv[end:], True
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A bad file, key or path (exit 2, one line) rather than a failure of the pipeline or a bug."""
+    if isinstance(exc, ConfigError | FileNotFoundError):
+        return True
+    return any(isinstance(exc, cls) for mod, name in USER_ERRORS
+               if (cls := getattr(sys.modules.get(mod), name, None)) is not None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Exit codes: 0 done; 2 a user error: a bad config key, input file, checkpoint, run folder, dataset folder,
+    or a bucket or MLflow server that does not answer, printed as one line on stderr (`error: <file or key>:
+    <what is wrong>; <the fix>`; argparse's usage errors are 2 as well); 1 the pipeline failed: a phase crashed
+    or a gate was not met (`error: ...` with how to resume), or `infer` converted only some of its files.
+    `--debug` (anywhere on the command line) raises the error instead, with its traceback."""
+    argv, debug = _pop_debug(list(sys.argv[1:] if argv is None else argv))
     if argv[:2] == ["prep", "split"]:
         args = split_parser().parse_args(argv[2:])
     elif argv[:2] == ["prep", "dummy-songs"]:
@@ -413,14 +489,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         return int(args.fn(args) or 0)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except Exception as exc:
-        from raytrain.checkpoints import CheckpointError
-        from raytrain.pipeline import PipelineError
+        if debug:
+            raise
+        if is_user_error(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        from raytrain.phases.base import PipelineError
 
-        if isinstance(exc, PipelineError | CheckpointError | FileNotFoundError):
+        if isinstance(exc, PipelineError):  # a phase crashed or a gate was not met
             print(f"error: {exc}", file=sys.stderr)
             return 1
         raise

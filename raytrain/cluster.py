@@ -187,3 +187,59 @@ def validate_cluster_config(source: str | Path | Mapping[str, Any], *, name: str
     if errs:
         raise fail(errs, "breaks raytrain's cluster rules")
     return prepared
+
+
+def local_autoscaling_config(config: Mapping[str, Any], *, provider: Mapping[str, Any], idle_timeout_minutes: float,
+                             cpu_divisor: int = 8, max_workers_per_type: int = 2,
+                             object_store_memory: int | None = None) -> dict[str, Any]:
+    """The autoscaling part of a cluster-launcher config, shrunk so that one small machine can run it under a
+    local node provider (Ray's fake multi-node provider starts every "node" as raylet processes on this host).
+
+    Kept from `config`: the cluster name, the node-type names, the head type, each type's GPU count and other
+    custom resources, its `min_workers`, `upscaling_speed`. Shrunk: CPU counts are divided by `cpu_divisor`
+    (rounded up; a CPU: 0 head stays 0), each type's `max_workers` is capped at `max_workers_per_type` and the
+    cluster's at their sum, `idle_timeout_minutes` is replaced (a float: fractions of a minute). Dropped: all
+    that only a cloud needs (node_config, docker, auth, setup and start commands, file mounts). With
+    `object_store_memory` (bytes) every worker type gets a small object store instead of 30% of the RAM.
+    """
+    if cpu_divisor < 1 or max_workers_per_type < 0 or idle_timeout_minutes <= 0:
+        raise ValueError("local_autoscaling_config: cpu_divisor >= 1, max_workers_per_type >= 0 and "
+                         "idle_timeout_minutes > 0 are required")
+    head = config["head_node_type"]
+    types: dict[str, Any] = {}
+    for name, spec in config["available_node_types"].items():
+        resources = dict(spec.get("resources") or {})
+        if "CPU" in resources:
+            resources["CPU"] = -(-int(resources["CPU"]) // cpu_divisor)
+        node: dict[str, Any] = {"node_config": {}, "resources": resources}
+        if name == head:
+            node["max_workers"] = 0
+        else:
+            if object_store_memory is not None:
+                resources["object_store_memory"] = int(object_store_memory)
+            node["min_workers"] = int(spec.get("min_workers", 0))
+            node["max_workers"] = min(int(spec.get("max_workers", max_workers_per_type)), max_workers_per_type)
+        types[name] = node
+    workers = sum(t["max_workers"] for n, t in types.items() if n != head)
+    return {
+        "cluster_name": config.get("cluster_name", "default"),
+        "max_workers": min(int(config.get("max_workers", workers)), workers),
+        "upscaling_speed": config.get("upscaling_speed", 1.0),
+        "idle_timeout_minutes": float(idle_timeout_minutes),
+        "provider": dict(provider),
+        "auth": {},
+        "docker": {},
+        "available_node_types": types,
+        "head_node_type": head,
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }

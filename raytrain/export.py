@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raytrain.logs import quiet_logger
+
 META_PREFIX = "raytrain."
 
 
@@ -345,7 +347,9 @@ def export_onnx(
         xs = _example_inputs(spec, example_batch)
         ep = _torch_export(wrapper, spec, xs)
         kwargs: dict[str, Any] = {} if opset is None else {"opset_version": opset}
-        with warnings.catch_warnings():
+        # The exporter's registry logs a warning per torchvision op when torchvision is not installed: no model
+        # here uses one.
+        with warnings.catch_warnings(), quiet_logger("torch.onnx._internal.exporter._registration"):
             warnings.simplefilter("ignore", UserWarning)
             program = torch.onnx.export(ep, (), input_names=list(spec.inputs), output_names=list(spec.outputs),
                                         dynamo=True, external_data=False, optimize=True, verbose=False, **kwargs)

@@ -74,7 +74,7 @@ def read_sketch(path: str | Path) -> np.ndarray:
 
 def load_generator(source: str | Path, phase: str | None, adapter: str | Path | None) -> tuple[MusicGenerator, Path,
                                                                                                  PipelineConfig, str]:
-    from raytrain.checkpoints import load_weights
+    from raytrain.checkpoints import load_data, load_weights
     from raytrain.infer import locate, run_folder
 
     run_dir, pipe = run_folder(source)
@@ -86,7 +86,8 @@ def load_generator(source: str | Path, phase: str | None, adapter: str | Path | 
     weights, mcfg = locate(source, phase)
     model = build_model(mcfg.name, dict(mcfg.args), mcfg.adapter)
     if not isinstance(model, MusicGenerator):
-        raise ValueError(f"{weights}: a {mcfg.name} model; --lyrics and --prompt are for music_generator")
+        raise InputError(f"{weights}: a {mcfg.name} model; --lyrics and --prompt are for music_generator models "
+                         "(give --phase the generator's phase)")
     base = load_weights(weights)
     label = str(phase or weights)
     if adapter is not None:
@@ -95,7 +96,7 @@ def load_generator(source: str | Path, phase: str | None, adapter: str | Path | 
         a = Path(adapter)
         if not a.is_file():
             raise InputError(f"{a}: adapter not found")
-        load_adapter(model, torch.load(a, map_location="cpu", weights_only=True), base)
+        load_adapter(model, load_data(a), base)  # as data only (weights_only); a bad file: CheckpointError
         label += f" + adapter {a}"
     else:
         model.load_state_dict(base)

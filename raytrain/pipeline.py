@@ -20,8 +20,10 @@ from raytrain.checkpoints import atomic_write_text
 from raytrain.config.loader import ConfigError
 from raytrain.config.schema import PipelineConfig
 from raytrain.data.datasets import resolve
+from raytrain.jobs import job_paths
 from raytrain.phases.base import GateFailed, PhaseContext, PipelineError
 from raytrain.plan import check_pipeline
+from raytrain.preflight import preflight
 from raytrain.runs import (
     GateResult,
     PhaseEntry,
@@ -65,7 +67,13 @@ class PipelineRunner:
                  train_callbacks: list[Any] | None = None, report_evals: bool = False,
                  mlflow_parent: str | None = None, rebuild_cache: bool = False, storage_dir: str | None = None,
                  ignore_gates: bool = False):
+        pipe, where = job_paths(pipe)  # a Ray job's relative paths: one-line errors, or $RAYTRAIN_RUNS_DIR
+        if where:
+            print(where)
         self.pipe = resolve_paths(pipe)
+        # its bucket and MLflow server answer, its datasets are prepared: one line each, before anything is
+        # written and before Ray starts
+        preflight(self.pipe)
         self.plans = {p.phase.name: p for p in check_pipeline(self.pipe, require_data=True)}
         if only:
             unknown = [n for n in only if n not in self.plans]

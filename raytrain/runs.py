@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from datasets_prep.storage import download_file, exists, is_uri, join, list_dirs, read_bytes, write_bytes
 from raytrain.checkpoints import atomic_write_text
@@ -104,12 +104,24 @@ class RunSummary(_Model):
         return self.model_dump(mode="json", exclude_none=True)
 
 
+class SummaryError(ValueError):
+    """A summary.json that is not one (cut short, edited by hand, another program's); one line naming it."""
+
+
 def read_summary(path: str | Path) -> RunSummary:
-    """A run's summary from its folder (or the summary.json itself)."""
+    """A run's summary from its folder (or the summary.json itself); SummaryError when the file is not one
+    (FileNotFoundError when there is none)."""
     p = Path(path)
     if p.is_dir():
         p = p / SUMMARY_FILE
-    return RunSummary.model_validate_json(p.read_text())
+    text = p.read_text()
+    try:
+        return RunSummary.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+        where = ".".join(map(str, first["loc"]))
+        raise SummaryError(f"{p}: not a raytrain {SUMMARY_FILE} ({where + ': ' if where else ''}{first['msg']}); "
+                           "the run folder is damaged: give another run, or run the pipeline again") from None
 
 
 def summary_at(location: str | Path) -> RunSummary | None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from raytrain.config.schema import PhaseBase, PipelineConfig
+from raytrain.logs import quiet_logger
 
 
 def _ray_env() -> None:
@@ -24,6 +26,17 @@ def local_ray_env() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+_VERBOSE = False
+
+
+def set_verbose(on: bool) -> None:
+    """`--verbose`: the next `ray_init` forwards Ray's worker log lines (`(RayTrainWorker pid=..., ip=...) ...`)
+    to the driver's output. Without it they stay in the session's log files (`<ray temp>/session_latest/logs`);
+    a failed phase still names its worker's error (`PipelineError`), and progress comes from the driver."""
+    global _VERBOSE
+    _VERBOSE = on
+
+
 def ray_init() -> None:
     """Start (or join) Ray. A local Ray that raytrain starts listens on loopback only."""
     import ray
@@ -39,9 +52,25 @@ def ray_init() -> None:
         _ray_env()
     else:
         local_ray_env()
-    # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group cleaner polls.
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=True, log_to_driver=True,
-             logging_level=logging.WARNING, configure_logging=True)
+    # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group cleaner polls. Ray 2.60
+    # turns token authentication on for a local Ray (kept) and says so at every start: not a line for each run.
+    # (RAY_AUTH_MODE=token would say it without the line, but Ray reads it when imported: too late here.)
+    with quiet_logger("ray._private.authentication.authentication_token_setup"):
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=True, log_to_driver=_VERBOSE,
+                 logging_level=logging.WARNING, configure_logging=True)
+
+
+def quiet_data_context() -> Any:
+    """This process's Ray Data context, without Ray Data's progress bars and start lines (raytrain prints its own
+    progress) and without its warning that the bars are off, which it logs once per process."""
+    from ray.data import DataContext
+    from ray.util.debug import log_once
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    log_once("ray_data_progress_manager_disabled")  # the key of that warning (ray.data._internal.progress)
+    return ctx
 
 
 def worker_resources(pipe: PipelineConfig, phase: PhaseBase) -> tuple[bool, dict[str, float], int | None]:

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from raytrain.logs import quiet_logger
+
 if TYPE_CHECKING:
     import torch
 
@@ -156,7 +158,10 @@ class Tracker:
         # The logged model belongs to the run's experiment (log_model alone files it under the active experiment,
         # i.e. "Default", when no run is active).
         logged = self.client.create_logged_model(self.experiment_id, name="model", source_run_id=run_id)
-        with self._fluent_uri():
+        # Pickle, not `pt2` (torch.export needs an input example and every model's dynamic shapes): MLflow's
+        # caution about unpickling, logged at every pickled save, is the one a user of `mlflow.pytorch.load_model`
+        # takes for the runs of their own tracking store; it is not printed into every pipeline run.
+        with self._fluent_uri(), quiet_logger("mlflow.pytorch"):
             info = mlflow.pytorch.log_model(model, name="model", model_id=logged.model_id, run_id=run_id, step=step,
                                             serialization_format="pickle", pip_requirements=requirements,
                                             metadata=metadata)

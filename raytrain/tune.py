@@ -34,6 +34,7 @@ from raytrain.config.loader import ConfigError, load_config, set_values, with_va
 from raytrain.config.schema import PipelineConfig
 from raytrain.config.sweep import SweepConfig
 from raytrain.data.datasets import resolve
+from raytrain.jobs import job_paths
 from raytrain.pipeline import PipelineError, PipelineRunner, resolve_paths
 from raytrain.runs import PhaseEntry, RunSummary, summary_at, write_summary
 from raytrain.tracking import Tracker, tracking_uri
@@ -229,7 +230,10 @@ class Sweep:
         check_sweep(pipe, sweep)
         self.base_run = Path(base_run).resolve() if base_run is not None else None
         self.original = pipe  # relative paths kept: best.yaml is the user's pipeline with the best values
-        self.pipe, self.sweep = resolve_paths(pipe), sweep
+        in_job, where = job_paths(pipe)  # a Ray job's relative paths: one-line errors, or $RAYTRAIN_RUNS_DIR
+        if where:
+            print(where)
+        self.pipe, self.sweep = resolve_paths(in_job), sweep
         self.pipe._raw = self._resolved_raw()
         root = Path(self.pipe.runs_dir) / self.pipe.name / "sweeps"
         found = find_unfinished_sweep(root) if resume and sweep_dir is None else None

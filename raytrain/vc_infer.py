@@ -27,12 +27,12 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+# InputError: a source or reference file that cannot be converted (one line naming the file and the reason)
+from raytrain.infer import InputError as InputError
+from raytrain.infer import open_audio as open_audio
+
 # resemblyzer's shortest window (partials of 1.6 s): a shorter clip is zero-padded and embeds mostly silence
 MIN_SECONDS = 1.6
-
-
-class InputError(ValueError):
-    """A source or reference file that cannot be converted; the message names the file and the reason."""
 
 
 @dataclass
@@ -44,22 +44,11 @@ class Converted:
     rtf: float
 
 
-def open_audio(path: Path, what: str, error: type[ValueError] = InputError) -> tuple[np.ndarray, int]:
-    """float32 (samples, channels) and the rate of an audio file; `error` naming the file and `what` it is
-    when it is missing or not audio soundfile can read."""
-    if not path.is_file():
-        raise error(f"{path}: {what} not found")
-    try:
-        wave, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise error(f"{path}: {what} is not an audio file soundfile can read ({exc})") from None
-    return wave, int(sr)
-
-
 def read_speech(path: str | Path, sample_rate: int, what: str, min_seconds: float = MIN_SECONDS,
                 needs: str = "the speaker encoder needs") -> np.ndarray:
-    """Mono float32 audio at `sample_rate`; InputError if missing, not audio, silent or shorter than
-    `min_seconds` (1.6 s: resemblyzer's shortest window; the message says who `needs` it)."""
+    """Mono float32 audio at `sample_rate`; InputError if missing, empty, not audio, of more than two channels,
+    silent or shorter than `min_seconds` (1.6 s: resemblyzer's shortest window; the message says who `needs`
+    it)."""
     p = Path(path)
     wave, sr = open_audio(p, what)
     mono = wave.mean(axis=1)
@@ -150,8 +139,8 @@ def is_vc_export(onnx: Any) -> bool:
 
 
 def run(model: Any, ref: str | Path, sources: list[str], out_dir: str | Path, steps: int | None = None) -> int:
-    """Converts every source; prints a line per file; returns 0, or 1 when some source failed (2: the
-    reference)."""
+    """Converts every source; prints a line per file; returns 0, 1 when some source failed and others were
+    converted, 2 when none was (or the reference is bad)."""
     if steps is not None:
         if steps < 1:
             print(f"error: --steps must be >= 1, got {steps}", file=sys.stderr)
@@ -183,6 +172,8 @@ def run(model: Any, ref: str | Path, sources: list[str], out_dir: str | Path, st
             failed += 1
             continue
         print(f"{c.output}  SECS {c.secs:.3f} (source {c.secs_source:.3f})  RTF {c.rtf:.3f}")
+    if sources and failed == len(sources):  # nothing converted: the error lines are all there is to say
+        return 2
     if failed:
         print(f"{failed} of {len(sources)} file(s) not converted (see above)", file=sys.stderr)
     return 1 if failed else 0

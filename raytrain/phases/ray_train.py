@@ -15,7 +15,7 @@ from datasets_prep.storage import join, upload_file
 from raytrain.checkpoints import STATE_FILE, WEIGHTS_FILE, atomic_torch_save, hand_off_report, load_data
 from raytrain.phases.base import PhaseContext, PhaseKind, PipelineError
 from raytrain.progress import EventPump
-from raytrain.session import worker_resources
+from raytrain.session import quiet_data_context, worker_resources
 
 
 def train_names(phase: Any) -> list[str]:
@@ -62,7 +62,6 @@ def _trainer_class(own_datasets: bool) -> Any:
 
 def fit(ctx: PhaseContext, kind: PhaseKind) -> None:
     import ray.train
-    from ray.data import DataContext
 
     from raytrain.data.datasets import phase_datasets
     from raytrain.phases import train_loop_per_worker
@@ -72,9 +71,7 @@ def fit(ctx: PhaseContext, kind: PhaseKind) -> None:
     sc = ctx.pipe.phase_scaling(phase)
     _, mode = phase.best
     pump = EventPump(phase.name, kind.steps(phase), ctx.tracker, ctx.run_id, progress=ctx.progress)
-    data_ctx = DataContext.get_current()
-    data_ctx.enable_progress_bars = False  # rank 0's progress line says what matters
-    data_ctx.print_on_execution_start = False
+    data_ctx = quiet_data_context()  # no progress bars: rank 0's progress line says what matters
     exec_opts = data_ctx.execution_options
     exec_opts.preserve_order = True  # same batch order every run: exact mid-phase resume
     datasets, held, audio = phase_datasets(ctx.datasets, train_names(phase), phase.eval, seed=ctx.pipe.seed,

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
+from ._procs import netns_pids, stop_all
 from .conftest import pipeline_dict
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -76,24 +76,9 @@ def _ip(*args: str) -> None:
     assert res.returncode == 0, f"ip {' '.join(args)}: {res.stderr.strip()}"
 
 
-def _netns_pids(ns: str) -> list[int]:
-    res = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30)
-    return [int(p) for p in res.stdout.split()] if res.returncode == 0 else []
-
-
 def _stop_namespace_processes(ns: str, timeout: float = 60) -> None:
-    """SIGTERM every process in `ns` (Ray's daemons, drivers, workers), SIGKILL what is left after 10 s.
-    Not `ray stop`: that stops every Ray on the machine, other tests' included."""
-    start = time.monotonic()
-    while pids := _netns_pids(ns):
-        elapsed = time.monotonic() - start
-        assert elapsed < timeout, f"processes of namespace {ns} still alive: {pids}"
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM if elapsed < 10 else signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
+    """Every process in `ns` (Ray's daemons, drivers, workers) stopped."""
+    stop_all(lambda: netns_pids(ns), f"namespace {ns}", timeout)
 
 
 @dataclass
@@ -229,7 +214,7 @@ def test_tiny_pipeline_runs_as_a_ray_job_on_two_nodes(two_node_cluster: Cluster,
     # one for Ray Data, so no `-o scaling.cpus_per_worker` is needed.
     sub = cluster.run(cluster.head_ns, BIN / "ray", "job", "submit", "--address",
                       f"http://{HEAD_IP}:{DASHBOARD_PORT}", "--submission-id", job_id, "--working-dir", ROOT,
-                      "--runtime-env", RUNTIME_ENV, "--no-wait", "--", "raytrain", "run", pipe,
+                      "--runtime-env", RUNTIME_ENV, "--no-wait", "--", "raytrain", "run", pipe, "--verbose",
                       timeout=180, cwd=ROOT)
     assert sub.returncode == 0, f"ray job submit failed:\n{sub.stdout}\n{sub.stderr}"
     uri_after, _ = _working_dir_package(tmp_path)  # other edits to the checkout may land in between
@@ -255,7 +240,8 @@ def test_tiny_pipeline_runs_as_a_ray_job_on_two_nodes(two_node_cluster: Cluster,
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted((r.info.run_name, r.info.status) for r in children) == [("a", "FINISHED"), ("b", "FINISHED")]
 
-    # The driver runs on the head; Ray prefixes the output of a worker on another node with that node's ip.
+    # The driver runs on the head; Ray prefixes the output of a worker on another node with that node's ip
+    # (--verbose: without it, Ray's worker log lines stay in the session's log files).
     worker_lines = [ln for ln in job["logs"].splitlines() if "(RayTrainWorker" in ln]
     assert worker_lines, f"no RayTrainWorker output in the job logs:\n{job['logs'][-4000:]}"
     assert all(f"ip={WORKER_IP}" in ln for ln in worker_lines), worker_lines[:5]

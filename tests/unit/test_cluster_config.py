@@ -16,7 +16,13 @@ import ray
 import ray.autoscaler
 
 from raytrain.cli import main
-from raytrain.cluster import load_cluster_yaml, placeholders, validate_cluster_config
+from raytrain.cluster import (
+    load_cluster_yaml,
+    local_autoscaling_config,
+    placeholders,
+    schema_errors,
+    validate_cluster_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 AWS = ROOT / "cluster.yaml"
@@ -239,6 +245,40 @@ def test_error_names_the_file(tmp_path: Path) -> None:
     bad.write_text(AWS.read_text().replace("min_workers: 0\n    max_workers: 2", "min_workers: 0\n    max_worker: 2"))
     with pytest.raises(ValueError, match=r"bad_cluster\.yaml: .*\n.*'max_worker' was unexpected"):
         validate_cluster_config(bad)
+
+
+# --- the local autoscaling config (tests/integration/test_autoscaler.py) ---------------------
+
+
+@pytest.mark.parametrize("path", FILES, ids=IDS)
+def test_local_autoscaling_config_keeps_the_node_types_and_shrinks_them(path: Path) -> None:
+    cfg = load_cluster_yaml(path)
+    provider = {"type": "external", "module": "some.module.Provider"}
+    local = local_autoscaling_config(cfg, provider=provider, idle_timeout_minutes=0.1, cpu_divisor=8,
+                                     max_workers_per_type=2, object_store_memory=100 * 2**20)
+    assert schema_errors(local) == []
+    assert local["provider"] == provider and local["idle_timeout_minutes"] == 0.1
+    assert local["head_node_type"] == cfg["head_node_type"] and local["cluster_name"] == cfg["cluster_name"]
+    assert local["upscaling_speed"] == cfg["upscaling_speed"]
+    types, src = local["available_node_types"], cfg["available_node_types"]
+    assert list(types) == list(src)
+    head = cfg["head_node_type"]
+    assert types[head] == {"node_config": {}, "resources": {"CPU": 0}, "max_workers": 0}
+    for name, t in types.items():
+        want = dict(src[name]["resources"])
+        want["CPU"] = -(-want["CPU"] // 8)  # 8 -> 1, 48 -> 6, 32 -> 4: rounded up, 0 stays 0
+        if name != head:
+            want["object_store_memory"] = 100 * 2**20
+            assert t["min_workers"] == src[name]["min_workers"] == 0
+            assert t["max_workers"] == min(src[name]["max_workers"], 2)
+        assert t["resources"] == want and t["node_config"] == {}
+    assert local["max_workers"] == 2 * (len(types) - 1)
+    assert not local["setup_commands"] and not local["head_start_ray_commands"] and local["docker"] == {}
+
+
+def test_local_autoscaling_config_refuses_nonsense() -> None:
+    with pytest.raises(ValueError, match="idle_timeout_minutes"):
+        local_autoscaling_config(load_cluster_yaml(AWS), provider={"type": "x"}, idle_timeout_minutes=0)
 
 
 # --- CLI ------------------------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""Quiet by default: Ray's worker log lines only with --verbose; the prep executor's Ray Data call without the
+deprecated `concurrency=` (no Ray started here)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raytrain import session
+from raytrain.cli import build_parser
+
+
+@pytest.mark.parametrize("argv", [["run", "p.yaml"], ["tune", "p.yaml", "--sweep", "s.yaml"], ["demo"],
+                                  ["prep", "p.yaml"]])
+def test_verbose_is_off_unless_asked(argv: list[str]) -> None:
+    parser = build_parser()
+    assert parser.parse_args(argv).verbose is False
+    assert parser.parse_args([*argv, "--verbose"]).verbose is True
+    assert parser.parse_args([*argv, "-v"]).verbose is True
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_ray_init_forwards_worker_logs_only_when_verbose(verbose: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(session, "_VERBOSE", session._VERBOSE)
+    session.set_verbose(verbose)
+    session.ray_init()
+    assert seen["log_to_driver"] is verbose
+
+
+def test_prep_gives_ray_data_a_compute_strategy_not_concurrency(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+    import ray.data
+
+    from datasets_prep.execute import run_chunks
+
+    calls: list[dict[str, Any]] = []
+
+    class Source:
+        def map_batches(self, fn: Any, **kw: Any) -> Any:
+            calls.append(kw)
+            return self
+
+        def iter_rows(self) -> list[Any]:
+            return []
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray.data, "from_items", lambda items, **kw: Source())
+    chunks: list[tuple[int, list[dict[str, Any]], str]] = [(i, [{"path": f"{i}.wav"}], "k") for i in range(4)]
+    run_chunks(tmp_path, chunks, {}, 3, lambda rec: None)
+    run_chunks(tmp_path, chunks[:1], {}, 3, lambda rec: None)
+    assert ["concurrency" in kw for kw in calls] == [False, False]
+    # tasks, at most `workers` at once and no more than the chunks (Ray Data warns of a limit above its inputs)
+    assert [kw["compute"] for kw in calls] == [ray.data.TaskPoolStrategy(size=3), ray.data.TaskPoolStrategy(size=1)]
