@@ -27,6 +27,7 @@ def local_ray_env() -> None:
 
 
 _VERBOSE = False
+_OWN_API = ""  # the RAY_API_SERVER_ADDRESS that `_own_state_api` set
 
 
 def set_verbose(on: bool) -> None:
@@ -48,16 +49,35 @@ def ray_init() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if ray.is_initialized():
         return
+    dashboard: dict[str, Any] = {}
     if os.environ.get("RAY_ADDRESS"):
         _ray_env()
     else:
         local_ray_env()
+        dashboard = _own_state_api()
     # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group cleaner polls. Ray 2.60
     # turns token authentication on for a local Ray (kept) and says so at every start: not a line for each run.
     # (RAY_AUTH_MODE=token would say it without the line, but Ray reads it when imported: too late here.)
     with quiet_logger("ray._private.authentication.authentication_token_setup"):
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=True, log_to_driver=_VERBOSE,
-                 logging_level=logging.WARNING, configure_logging=True)
+                 logging_level=logging.WARNING, configure_logging=True, **dashboard)
+
+
+def _own_state_api() -> dict[str, Any]:
+    """The dashboard port of a local Ray about to start, also named in RAY_API_SERVER_ADDRESS, which its
+    workers inherit. Ray Train's placement-group cleaner (an actor) finds the State API by that variable;
+    without it, it looks for a Ray on this machine and, when it finds two (another run's, a test session's),
+    fails at every poll, so a dead trial's placement group is never removed and a sweep waits forever."""
+    import socket
+
+    global _OWN_API
+    if os.environ.get("RAY_API_SERVER_ADDRESS", _OWN_API) != _OWN_API:  # the user's: theirs to keep
+        return {}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _OWN_API = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return {"dashboard_host": "127.0.0.1", "dashboard_port": port}
 
 
 def quiet_data_context() -> Any:

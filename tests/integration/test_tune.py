@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -124,9 +125,11 @@ def test_sweep_runs_phase_a_once_resumes_without_rerunning_trials_and_continues_
                                                                                "trials.txt"}
 
 
-def test_trials_that_asha_stops_give_their_workers_cpus_back(corpus: Path, tmp_path: Path) -> None:
+def test_trials_that_asha_stops_give_their_workers_cpus_back(corpus: Path, tmp_path: Path, ray_local: Any) -> None:
     """On 2 CPUs each trial's worker group reserves 0.99 CPU: two stopped trials that kept their placement
-    groups would leave the third trial after them waiting forever (the sweep hung on the fourth trial)."""
+    groups would leave the third trial after them waiting forever (the sweep hung on the fourth trial).
+    With a second Ray on the machine (`ray_local`, as in the whole suite), where Ray's placement-group
+    cleaner must be told which Ray's State API to poll."""
     raw = pipeline_dict(corpus, tmp_path / "runs")
     raw["phases"] = [
         {"name": "a", "max_steps": 2, "eval_every": 2, "checkpoint_every": 2},
