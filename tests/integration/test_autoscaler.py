@@ -304,10 +304,12 @@ def test_gpu_workers_scale_up_from_zero_and_go_after_the_idle_timeout(namespace:
     def workers(rec: dict[str, Any]) -> list[dict[str, Any]]:
         return [n for n in rec["nodes"] if n["type"] != head_type]
 
-    # Before the job: the head alone (of cluster.yaml's head type), no worker and nothing pending.
+    # Before the job: the head alone (of cluster.yaml's head type), no worker up or pending. (The head's own
+    # instance may still be listed as pending right after it joined: seen once in a full suite run.)
     (before,) = [r for r in timeline if r["phase"] == "before"]
     assert [n["type"] for n in before["nodes"]] == [head_type], before
-    assert not (before["pending"] or before["launches"] or before["dead"]), before
+    assert not [p for p in before["pending"] if p["type"] != head_type], before
+    assert not (before["launches"] or before["dead"]), before
 
     # Scale-up from zero: the autoscaler asked for one node of each GPU type while there was no worker, and
     # exactly those came up, with cluster.yaml's (shrunk) resources.
