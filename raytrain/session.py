@@ -27,7 +27,6 @@ def local_ray_env() -> None:
 
 
 _VERBOSE = False
-_OWN_API = ""  # the RAY_API_SERVER_ADDRESS that `_own_state_api` set
 
 
 def set_verbose(on: bool) -> None:
@@ -59,8 +58,12 @@ def ray_init() -> None:
     # turns token authentication on for a local Ray (kept) and says so at every start: not a line for each run.
     # (RAY_AUTH_MODE=token would say it without the line, but Ray reads it when imported: too late here.)
     with quiet_logger("ray._private.authentication.authentication_token_setup"):
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=True, log_to_driver=_VERBOSE,
-                 logging_level=logging.WARNING, configure_logging=True, **dashboard)
+        try:
+            ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=True,
+                     log_to_driver=_VERBOSE, logging_level=logging.WARNING, configure_logging=True, **dashboard)
+        finally:
+            if dashboard:  # Ray's processes have it; this process's children (`ray job submit`...) must not
+                os.environ.pop("RAY_API_SERVER_ADDRESS", None)
 
 
 def _own_state_api() -> dict[str, Any]:
@@ -70,13 +73,12 @@ def _own_state_api() -> dict[str, Any]:
     fails at every poll, so a dead trial's placement group is never removed and a sweep waits forever."""
     import socket
 
-    global _OWN_API
-    if os.environ.get("RAY_API_SERVER_ADDRESS", _OWN_API) != _OWN_API:  # the user's: theirs to keep
+    if os.environ.get("RAY_API_SERVER_ADDRESS"):  # the user's: theirs to keep
         return {}
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    _OWN_API = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # read by the raylet `ray.init` starts
     return {"dashboard_host": "127.0.0.1", "dashboard_port": port}
 
 
