@@ -42,7 +42,7 @@ from ray.autoscaler.tags import TAG_RAY_USER_NODE_TYPE
 
 from raytrain.cluster import load_cluster_yaml, local_autoscaling_config
 
-from ._procs import netns_pids, stop_all
+from ._procs import netns_pids, netns_skip_reason, stop_namespace
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -157,22 +157,6 @@ finally:
 '''
 
 
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root: runs the autoscaler's cluster in a network namespace of its own"
-    if shutil.which("ip") is None or shutil.which("ss") is None:
-        return "needs `ip` and `ss` (iproute2) for a network namespace"
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"`ip netns` is unavailable: {probe.stderr.strip()}"
-    return None
-
-
-def _stop_namespace_processes(ns: str, timeout: float = 60) -> None:
-    """Every process in `ns` (Ray's daemons, drivers, workers) stopped."""
-    stop_all(lambda: netns_pids(ns), f"namespace {ns}", timeout)
-
-
 def _listeners(ns: str | None) -> list[tuple[str, str]]:
     """(local address, process info) of every listening TCP / bound UDP socket, in `ns` or in this namespace."""
     cmd = ["ss", "-ltunpH"]
@@ -207,7 +191,7 @@ class FakeCluster:
 
 @pytest.fixture
 def namespace(tmp_path: Path) -> Iterator[FakeCluster]:
-    reason = _skip_reason()
+    reason = netns_skip_reason("runs the autoscaler's cluster in a network namespace of its own", ("ip", "ss"))
     if reason:
         pytest.skip(reason)
     ns = f"rt-as-{os.getpid()}-{uuid.uuid4().hex[:4]}"
@@ -226,7 +210,7 @@ def namespace(tmp_path: Path) -> Iterator[FakeCluster]:
         yield FakeCluster(ns, env, tmp_path, temp_dir)
     finally:
         try:
-            _stop_namespace_processes(ns)
+            stop_namespace(ns)
         finally:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
             shutil.rmtree(temp_dir, ignore_errors=True)

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ._procs import netns_pids, stop_all
+from ._procs import netns_skip_reason, stop_namespace
 from .conftest import pipeline_dict
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -60,25 +60,9 @@ else:
 '''
 
 
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root: creates network namespaces for a two-node Ray cluster"
-    if shutil.which("ip") is None:
-        return "needs `ip` (iproute2) for network namespaces"
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"`ip netns` is unavailable: {probe.stderr.strip()}"
-    return None
-
-
 def _ip(*args: str) -> None:
     res = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, f"ip {' '.join(args)}: {res.stderr.strip()}"
-
-
-def _stop_namespace_processes(ns: str, timeout: float = 60) -> None:
-    """Every process in `ns` (Ray's daemons, drivers, workers) stopped."""
-    stop_all(lambda: netns_pids(ns), f"namespace {ns}", timeout)
 
 
 @dataclass
@@ -112,7 +96,7 @@ def _ray_start(cluster: Cluster, ns: str, name: str, *args: str, private: Path |
 
 @pytest.fixture(scope="module")
 def two_node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    reason = _skip_reason()
+    reason = netns_skip_reason("creates network namespaces for a two-node Ray cluster")
     if reason:
         pytest.skip(reason)
     tmp_path = tmp_path_factory.mktemp("cluster")
@@ -163,7 +147,7 @@ def two_node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clust
     finally:
         try:
             for ns in (worker_ns, head_ns):
-                _stop_namespace_processes(ns)
+                stop_namespace(ns)
         finally:
             for ns in (worker_ns, head_ns):
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
