@@ -2,13 +2,12 @@
 
 Scoring follows :mod:`raytrain.metrics.separation`: estimate and target are zeroed
 beyond each row's ``lengths`` and made zero-mean over the valid samples, then the
-best speaker-wise permutation is found with torchmetrics'
-``permutation_invariant_training`` (exhaustive for < 3 sources, Hungarian matching
-otherwise). Padding therefore never changes the loss.
+best speaker-wise permutation is found by trying every permutation (the sources of a
+separation model are few: 3 sources, 6 permutations). Padding therefore never changes the loss.
 
 A silent target (all zeros in its valid region) is a degenerate reference: SI-SDR
 then measures only the estimate's energy, ``10 log10(eps / (|est|^2 + eps))``. It stays
-finite with a finite gradient (the torchmetrics epsilons guard both ratios) but is
+finite with a finite gradient (epsilons guard both ratios) but is
 very negative, so keep silent utterances out of training data.
 """
 

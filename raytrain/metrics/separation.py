@@ -12,13 +12,34 @@ sum them with the example count across ranks and divide once.
 
 from __future__ import annotations
 
+import itertools
+from functools import cache
+
 import torch
 from torch import Tensor
 
 from raytrain.data.columns import reads_keys
 
-# torchmetrics is imported where it is used: importing it takes ~2.5 s (it imports all its metrics and
-# scipy.signal), which `raytrain plan`, the driver and ASR-only workers need not pay.
+# SI-SDR and its permutation search are written here, not taken from torchmetrics: importing torchmetrics
+# imports all its metrics, transformers and scipy.signal (~2 s of CPU), and every phase's worker is a new
+# process, so each separation phase paid it before its first step. tests/unit/test_losses.py checks these
+# against torchmetrics' `scale_invariant_signal_distortion_ratio` and `permutation_invariant_training`.
+
+
+def si_sdr_db(est: Tensor, ref: Tensor) -> Tensor:
+    """SI-SDR in dB over the last axis (Le Roux et al. 2019), broadcasting the others; no centring (callers
+    centre over the valid samples). The epsilons are torchmetrics': a silent reference or estimate gives a
+    finite value with a finite gradient."""
+    eps = torch.finfo(est.dtype).eps
+    alpha = ((est * ref).sum(-1, keepdim=True) + eps) / ((ref * ref).sum(-1, keepdim=True) + eps)
+    target = alpha * ref
+    noise = target - est
+    return 10 * torch.log10(((target * target).sum(-1) + eps) / ((noise * noise).sum(-1) + eps))
+
+
+@cache
+def _permutations(n: int) -> Tensor:
+    return torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long)  # (n!, n)
 
 
 def valid_mask(lengths: Tensor | None, batch: int, time: int, device: torch.device) -> Tensor:
@@ -62,24 +83,17 @@ def pit_si_sdr(est: Tensor, ref: Tensor, lengths: Tensor | None = None) -> tuple
     estimate index matched to reference ``j``. Scored in float32 (or wider), so bf16/fp16
     outputs under autocast do not overflow the epsilon guards. Differentiable in ``est``.
     """
-    from torchmetrics.functional.audio import (
-        permutation_invariant_training,
-        scale_invariant_signal_distortion_ratio,
-    )
-
     _check_shapes(est, ref)
     dtype = torch.promote_types(est.dtype, torch.float32)
     mask = valid_mask(lengths, est.shape[0], est.shape[-1], est.device)
     est_c = mask_and_center(est.to(dtype), mask)
     ref_c = mask_and_center(ref.to(dtype), mask)
-    best, perm = permutation_invariant_training(
-        est_c,
-        ref_c,
-        scale_invariant_signal_distortion_ratio,
-        mode="speaker-wise",
-        eval_func="max",
-    )
-    return best, perm
+    n = est.shape[1]
+    pair = si_sdr_db(est_c[:, None], ref_c[:, :, None])  # (batch, reference j, estimate i)
+    perms = _permutations(n).to(est.device)  # (P, n): perms[p, j] is the estimate matched to reference j
+    scores = pair[:, torch.arange(n, device=est.device)[None, :], perms].mean(-1)  # (batch, P)
+    best, index = scores.max(dim=1)
+    return best, perms[index]
 
 
 def mixture_si_sdr(mix: Tensor, ref: Tensor, lengths: Tensor | None = None) -> Tensor:
@@ -92,13 +106,11 @@ def mixture_si_sdr(mix: Tensor, ref: Tensor, lengths: Tensor | None = None) -> T
         raise ValueError(
             f"mix must be (batch, time) = {(ref.shape[0], ref.shape[-1])}, got {tuple(mix.shape)}"
         )
-    from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
-
     dtype = torch.promote_types(mix.dtype, torch.float32)
     mask = valid_mask(lengths, ref.shape[0], ref.shape[-1], ref.device)
     ref_c = mask_and_center(ref.to(dtype), mask)
     mix_c = mask_and_center(mix.to(dtype), mask).unsqueeze(1).expand_as(ref_c)
-    return scale_invariant_signal_distortion_ratio(mix_c, ref_c).mean(dim=1)
+    return si_sdr_db(mix_c, ref_c).mean(dim=1)
 
 
 @reads_keys("sources")

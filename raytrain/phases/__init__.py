@@ -11,8 +11,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """A phase on one Ray Train worker: the runner of the phase's kind (`PhaseKind.worker`).
 
     Ray pickles this function by reference and Ray Train's controller unpickles it before it asks
-    for the workers: importing the training code here, in the worker only, keeps torchmetrics,
-    torchaudio and the rest out of the controller's start-up (about 4 s of every phase)."""
+    for the workers: importing the training code here, in the worker only, keeps torchaudio,
+    the models and the rest out of the controller's start-up (about 4 s of every phase)."""
     from raytrain.phases.base import phase_kind
 
     phase_kind(config.get("kind", "train")).worker(config).run()  # type: ignore[attr-defined]

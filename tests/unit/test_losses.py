@@ -102,3 +102,36 @@ def test_low_precision_estimates_are_scored_in_float32() -> None:
 def test_shape_mismatch_is_explained() -> None:
     with pytest.raises(ValueError, match="num_sources"):
         si_sdr_pit({"est_sources": torch.zeros(1, 3, 10)}, {"sources": torch.zeros(1, 2, 10)})
+
+
+@pytest.mark.parametrize("n_src", [1, 2, 3, 4])
+def test_values_permutations_and_gradients_equal_torchmetrics(n_src: int) -> None:
+    """The permutation search over SI-SDR is raytrain's own (torchmetrics' import costs every phase ~2 s):
+    it must give torchmetrics' values, permutations and gradients, silent rows included."""
+    from torchmetrics.functional.audio import (
+        permutation_invariant_training,
+        scale_invariant_signal_distortion_ratio,
+    )
+
+    from raytrain.metrics.separation import mixture_si_sdr, pit_si_sdr
+
+    g = torch.Generator().manual_seed(10 + n_src)
+    ref = torch.randn(5, n_src, 640, generator=g)
+    ref[1, 0] = 0.0  # a silent reference
+    est = ref[:, torch.randperm(n_src, generator=g)] + 0.7 * torch.randn(5, n_src, 640, generator=g)
+    est[2] = 0.0  # a silent estimate
+    ours_in = est.clone().requires_grad_(True)
+    theirs_in = est.clone().requires_grad_(True)
+    best, perm = pit_si_sdr(ours_in, ref)
+    center = lambda x: x - x.mean(-1, keepdim=True)  # noqa: E731 - pit_si_sdr centres over the valid samples
+    want, want_perm = permutation_invariant_training(center(theirs_in), center(ref),
+                                                     scale_invariant_signal_distortion_ratio,
+                                                     mode="speaker-wise", eval_func="max")
+    assert torch.equal(perm, want_perm)
+    torch.testing.assert_close(best, want, rtol=1e-5, atol=1e-4)
+    best.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=1e-4, atol=1e-6)
+    mix = ref.sum(1)
+    torch.testing.assert_close(mixture_si_sdr(mix, ref), scale_invariant_signal_distortion_ratio(
+        center(mix)[:, None].expand_as(ref), center(ref)).mean(1), rtol=1e-5, atol=1e-4)
