@@ -37,8 +37,9 @@ def set_verbose(on: bool) -> None:
     _VERBOSE = on
 
 
-def ray_init() -> None:
-    """Start (or join) Ray. A local Ray that raytrain starts listens on loopback only."""
+def ray_init(num_cpus: int | None = None) -> None:
+    """Start (or join) Ray. A local Ray that raytrain starts listens on loopback only; `num_cpus` caps it
+    (default: every CPU of the machine)."""
     import ray
 
     # Ray Train's controller sees that the workers finished (or failed) at its next poll of them, every 2 s
@@ -54,6 +55,8 @@ def ray_init() -> None:
     else:
         local_ray_env()
         dashboard = _own_state_api()
+        if num_cpus is not None:
+            dashboard["num_cpus"] = num_cpus
     # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group cleaner polls. Ray 2.60
     # turns token authentication on for a local Ray (kept) and says so at every start: not a line for each run.
     # (RAY_AUTH_MODE=token would say it without the line, but Ray reads it when imported: too late here.)

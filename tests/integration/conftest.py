@@ -56,12 +56,13 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ray_local() -> Any:
     import ray
 
-    from raytrain.session import local_ray_env
+    from raytrain.session import ray_init
 
     if ray.is_initialized():  # started by code under test (e.g. an in-process prep): start ours instead
         ray.shutdown()
-    local_ray_env()  # the environment raytrain gives the local Ray it starts
-    ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")  # dashboard: State API for Train
+    # As raytrain starts a local Ray (its environment, its own State API for Ray Train's placement-group
+    # cleaner), with 2 CPUs on any machine.
+    ray_init(num_cpus=2)
     yield ray
     ray.shutdown()
 

@@ -1,6 +1,7 @@
 """`raytrain tune` end to end on local Ray: the phase before the swept one runs once, ASHA stops
 trials, every trial is a nested MLflow run, a killed sweep resumes without re-running finished
-trials, and `--then-continue` runs the later phase from the best trial's checkpoint."""
+trials, and `--then-continue` runs the later phase from the best trial's checkpoint. A stopped trial
+gives its workers' CPUs back."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import yaml
 
 from datasets_prep import faults
 
+from ._procs import local_head
 from .conftest import checkpoints_of, crash, pipeline_dict, raytrain_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -125,30 +127,46 @@ def test_sweep_runs_phase_a_once_resumes_without_rerunning_trials_and_continues_
                                                                                "trials.txt"}
 
 
-def test_trials_that_asha_stops_give_their_workers_cpus_back(corpus: Path, tmp_path: Path, ray_local: Any) -> None:
-    """On 2 CPUs each trial's worker group reserves 0.99 CPU: two stopped trials that kept their placement
-    groups would leave the third trial after them waiting forever (the sweep hung on the fourth trial).
-    With a second Ray on the machine (`ray_local`, as in the whole suite), where Ray's placement-group
-    cleaner must be told which Ray's State API to poll."""
+def test_a_trial_stopped_mid_phase_gives_its_workers_cpus_back(corpus: Path, tmp_path: Path, ray_local: Any) -> None:
+    """A trial that ASHA stops is an actor killed while its phase trains. Ray removes a placement group only
+    when both its creator (the phase's Train controller, which dies with the trial) and its job (the sweep's
+    driver, which goes on) have ended: without Ray Train's placement-group cleaner each stopped trial kept its
+    worker group's CPUs, and on 2 CPUs the sweep hung after two stops. Here an actor runs a long phase as a
+    trial does and is killed once the phase trains: its placement group must go. With a second Ray on the
+    machine (another user's, a test's): the cleaner must poll the State API of its own Ray, which it finds
+    by `RAY_API_SERVER_ADDRESS` (raytrain.session), not by looking for "the" Ray on the machine."""
+    import ray
+
     raw = pipeline_dict(corpus, tmp_path / "runs")
-    raw["phases"] = [
-        {"name": "a", "max_steps": 2, "eval_every": 2, "checkpoint_every": 2},
-        {"name": "b", "init_from": "a", "max_steps": 4, "eval_every": 2, "checkpoint_every": 4},
-    ]
-    # Seed 0 draws a high LR first and low ones after it: ASHA stops trials 2 and 3 at step 2.
-    sweep = {**SWEEP, "num_samples": 4, "params": {"phases.b.optim.lr": SWEEP["params"]["phases.b.optim.lr"]}}
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump(sweep))
-    sweep_dir = tmp_path / "sweep"
-    proc = raytrain_cli("tune", str(tmp_path / "p.yaml"), "--sweep", str(tmp_path / "s.yaml"), "--sweep-dir",
-                        str(sweep_dir), log=tmp_path / "tune.log")
-    try:
-        code = proc.wait(timeout=300)
-    except Exception:
-        crash(proc)
-        raise AssertionError("the sweep did not end: " + (tmp_path / "tune.log").read_text()[-3000:]) from None
-    assert code == 0, (tmp_path / "tune.log").read_text()[-3000:]
-    state = json.loads((sweep_dir / "sweep.json").read_text())
-    by_trial = {r["trial"]: r["status"] for r in state["trials"]}
-    order = [by_trial[t.name] for t in _started_trials(sweep_dir)]
-    assert len(order) == 4 and order[1:3] == ["stopped early", "stopped early"], order
+    raw["phases"] = [{"name": "a", "max_steps": 100_000, "eval_every": 100_000, "checkpoint_every": 2}]
+
+    @ray.remote(num_cpus=0.01)  # what a trial's own function reserves (raytrain.tune.TRIAL_CPU)
+    class TrialLike:
+        def run(self, raw: dict[str, Any]) -> None:
+            from raytrain.config import load_config
+            from raytrain.pipeline import PipelineRunner
+
+            PipelineRunner(load_config(raw=raw), progress=False).run()
+
+    def live_groups() -> dict[str, float]:  # placement group -> CPUs it reserves
+        return {pg_id: sum(b.get("CPU", 0.0) for b in info["bundles"].values())
+                for pg_id, info in ray.util.placement_group_table().items() if info["state"] != "REMOVED"}
+
+    with local_head(tmp_path):  # a second Ray on the machine
+        before = set(live_groups())
+        trial = TrialLike.remote()
+        ref = trial.run.remote(raw)
+        deadline = time.monotonic() + 120
+        # Stopped once it trains (its first checkpoint is written), as ASHA stops a trial at an evaluation.
+        while not list((tmp_path / "runs").glob("*/*/a/ray/checkpoint_*")):
+            ready, _ = ray.wait([ref], timeout=0)
+            assert not ready, f"the phase ended before it was stopped: {ray.get(ref)}"
+            assert time.monotonic() < deadline, "the phase did not reach its first checkpoint"
+            time.sleep(0.2)
+        held = {k: v for k, v in live_groups().items() if k not in before and v > 0}
+        assert held, "the phase trains without a placement group holding CPUs"
+        ray.kill(trial, no_restart=True)  # the trial's actor ends (Tune stops it): its controller goes with it
+        deadline = time.monotonic() + 60
+        while set(held) & set(live_groups()):
+            assert time.monotonic() < deadline, f"the stopped trial's placement group still holds its CPUs: {held}"
+            time.sleep(0.5)
