@@ -86,8 +86,8 @@ def _own_state_api() -> dict[str, Any]:
 
 
 def quiet_data_context() -> Any:
-    """This process's Ray Data context, without Ray Data's progress bars and start lines (raytrain prints its own
-    progress) and without its warning that the bars are off, which it logs once per process."""
+    """This process's Ray Data context, without Ray Data's progress bars, start and end lines (raytrain prints its
+    own progress) and without its warning that the bars are off, which it logs once per process."""
     from ray.data import DataContext
     from ray.util.debug import log_once
 
@@ -95,6 +95,8 @@ def quiet_data_context() -> Any:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     log_once("ray_data_progress_manager_disabled")  # the key of that warning (ray.data._internal.progress)
+    if not _VERBOSE:  # "Dataset ... execution finished in 0.06 seconds" after each read (--verbose shows it)
+        logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
     return ctx
 
 

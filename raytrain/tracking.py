@@ -66,8 +66,10 @@ class Tracker:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
+        # A new sqlite store: MLflow logs "Creating initial MLflow database tables..." as it makes the store.
+        with quiet_logger("mlflow.store.db.utils", logging.WARNING):
+            self.client = MlflowClient(tracking_uri=uri)
+            exp = self.client.get_experiment_by_name(experiment)
         # A local sqlite store keeps its artifacts beside the database (MLflow's default is ./mlruns in
         # whatever folder the command runs from); a server decides for itself.
         where = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() \

@@ -60,3 +60,28 @@ def test_prep_gives_ray_data_a_compute_strategy_not_concurrency(tmp_path: Path, 
     assert ["concurrency" in kw for kw in calls] == [False, False]
     # tasks, at most `workers` at once and no more than the chunks (Ray Data warns of a limit above its inputs)
     assert [kw["compute"] for kw in calls] == [ray.data.TaskPoolStrategy(size=3), ray.data.TaskPoolStrategy(size=1)]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_ray_datas_end_of_read_line_only_when_verbose(verbose: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    name = "ray.data._internal.execution.streaming_executor"  # "Dataset ... execution finished in 0.06 seconds"
+    logger = logging.getLogger(name)
+    before = logger.level
+    monkeypatch.setattr(session, "_VERBOSE", verbose)
+    try:
+        logger.setLevel(logging.NOTSET)
+        session.quiet_data_context()
+        assert logger.level == (logging.NOTSET if verbose else logging.WARNING)  # verbose: Ray Data's own level
+    finally:
+        logger.setLevel(before)
+
+
+def test_a_new_sqlite_store_is_created_without_mlflows_info_lines(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    from raytrain.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "quiet")  # MLflow's own handler writes to stderr
+    assert tracker.experiment_id and (tmp_path / "mlflow.db").is_file()
+    out, err = capfd.readouterr()
+    assert "database tables" not in out + err, out + err
