@@ -55,15 +55,14 @@ def ray_init(num_cpus: int | None = None) -> None:
     else:
         local_ray_env()
         dashboard = _own_state_api()
-        if num_cpus is not None:
-            dashboard["num_cpus"] = num_cpus
     # The dashboard (on 127.0.0.1) serves the State API that Ray Train's placement-group cleaner polls. Ray 2.60
     # turns token authentication on for a local Ray (kept) and says so at every start: not a line for each run.
     # (RAY_AUTH_MODE=token would say it without the line, but Ray reads it when imported: too late here.)
     with quiet_logger("ray._private.authentication.authentication_token_setup"):
         try:
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=True,
-                     log_to_driver=_VERBOSE, logging_level=logging.WARNING, configure_logging=True, **dashboard)
+                     log_to_driver=_VERBOSE, logging_level=logging.WARNING, configure_logging=True, num_cpus=num_cpus,
+                     **dashboard)
         finally:
             if dashboard:  # Ray's processes have it; this process's children (`ray job submit`...) must not
                 os.environ.pop("RAY_API_SERVER_ADDRESS", None)

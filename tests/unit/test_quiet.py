@@ -85,3 +85,17 @@ def test_a_new_sqlite_store_is_created_without_mlflows_info_lines(tmp_path: Path
     assert tracker.experiment_id and (tmp_path / "mlflow.db").is_file()
     out, err = capfd.readouterr()
     assert "database tables" not in out + err, out + err
+
+
+def test_ray_init_keeps_the_users_state_api_address_and_passes_num_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    seen: dict[str, Any] = {}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:1"  # the user's own: raytrain neither replaces nor drops it
+    monkeypatch.setattr(os, "environ", env)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    session.ray_init(num_cpus=2)
+    assert seen["num_cpus"] == 2 and "dashboard_port" not in seen
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://127.0.0.1:1"
