@@ -65,6 +65,7 @@ def fit(ctx: PhaseContext, kind: PhaseKind) -> None:
 
     from raytrain.data.datasets import phase_datasets
     from raytrain.phases import train_loop_per_worker
+    from raytrain.phases.backend import LeanTorchConfig
 
     phase, entry = ctx.phase, ctx.entry
     use_gpu, resources, threads = worker_resources(ctx.pipe, phase)
@@ -90,6 +91,7 @@ def fit(ctx: PhaseContext, kind: PhaseKind) -> None:
         given = {"datasets": mine, "data_context": copy.deepcopy(data_ctx)}
     trainer = _trainer_class(own)(
         train_loop_per_worker,
+        torch_config=LeanTorchConfig(),  # no torch import in the Train controller (backend.py)
         train_loop_config={"pipeline": ctx.pipe.model_dump(mode="json"), "phase": phase.name, "kind": kind.name,
                            "phase_dir": str(ctx.phase_dir), "init": ctx.init, "events": pump.queue,
                            "threads": None if use_gpu else threads, "hold": held, "audio": audio,

@@ -169,3 +169,23 @@ def registered_checkpoints(phase_dir: Path) -> list[str]:
 def checkpoints_of(phase_dir: Path) -> list[Path]:
     """The Ray Train checkpoints a phase has written so far."""
     return sorted(p for p in (phase_dir / "ray").glob("checkpoint_*") if p.is_dir()) if (phase_dir / "ray").exists() else []
+
+
+def controller_probe(record: Path) -> Any:
+    """A Ray Train callback that appends, from inside each phase's Train controller process, whether torch was
+    imported there by the time training ended (raytrain's backend keeps it out: raytrain/phases/backend.py).
+    Defined in a function so that it travels by value: the controller imports nothing of the tests."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class ControllerModules(ControllerCallback):
+        def after_controller_finish(self, result: Any) -> None:
+            import sys as controller_sys
+
+            with open(record, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "torch": "torch" in controller_sys.modules}) + "\n")
+
+    return ControllerModules()
+
+
+def controller_records(record: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in record.read_text().splitlines()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from raytrain.checkpoints import load_weights
 from raytrain.config import load_config
 from raytrain.pipeline import PipelineError, PipelineRunner
 
-from .conftest import pipeline_dict
+from .conftest import controller_probe, controller_records, pipeline_dict
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -28,12 +29,14 @@ def finished_run(corpus: Path, ray_local: Any, tmp_path_factory: pytest.TempPath
     runs = tmp_path_factory.mktemp("runs")
     raw = pipeline_dict(corpus, runs, freeze=["net.encoder.*", "net.decoder.*"],
                         gates=[{"metric": "eval/si_sdri", "min": -100.0}])
-    runner = PipelineRunner(load_config(raw=raw), progress=False)
+    probe = runs / "controllers.jsonl"
+    runner = PipelineRunner(load_config(raw=raw), progress=False, train_callbacks=[controller_probe(probe)])
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         summary = runner.run()
     sys.stdout.write(printed.getvalue())
-    return {"summary": summary, "run_dir": runner.run_dir, "runs": runs, "printed": printed.getvalue()}
+    return {"summary": summary, "run_dir": runner.run_dir, "runs": runs, "printed": printed.getvalue(),
+            "controllers": controller_records(probe)}
 
 
 def test_summary_lists_every_phase_with_metrics_and_checkpoints(finished_run: dict[str, Any]) -> None:
@@ -55,6 +58,13 @@ def test_summary_lists_every_phase_with_metrics_and_checkpoints(finished_run: di
     printed = finished_run["printed"]
     assert printed.count("data train: read once") == 1 and printed.count("data dev: read once") == 1
     assert "data train: held in memory since an earlier phase" in printed
+
+
+def test_the_train_controller_of_each_phase_never_imports_torch(finished_run: dict[str, Any]) -> None:
+    # ~1.2 s of every phase's start (raytrain/phases/backend.py); the DDP test below checks 2 workers.
+    records = finished_run["controllers"]
+    assert len(records) == 2 and len({r["pid"] for r in records}) == 2 and os.getpid() not in {r["pid"] for r in records}
+    assert not any(r["torch"] for r in records), records
 
 
 def test_frozen_parameters_are_bitwise_unchanged_and_the_rest_trained(finished_run: dict[str, Any]) -> None:
@@ -200,9 +210,11 @@ def test_two_ddp_workers_with_frozen_params_and_grad_accum(corpus: Path, ray_loc
     raw["scaling"] = {"num_workers": 2}  # 0.5 CPU each on 2 CPUs: one CPU stays free for Ray Data
     raw["phases"] = [{"name": "a", "max_steps": 4, "grad_accum": 2, "eval_every": 4, "checkpoint_every": 4,
                       "freeze": ["net.encoder.*"]}]
-    summary = PipelineRunner(load_config(raw=raw), progress=False).run()
+    probe = tmp_path / "controllers.jsonl"
+    summary = PipelineRunner(load_config(raw=raw), progress=False, train_callbacks=[controller_probe(probe)]).run()
     entry = summary["phases"]["a"]
     assert entry["status"] == "finished" and entry["steps"] == 4
+    assert controller_records(probe) == [{"pid": controller_records(probe)[0]["pid"], "torch": False}]
     # Eval sums and counts are all-reduced: the mean covers all 8 dev mixtures across both ranks.
     assert np.isfinite(entry["final_metrics"]["eval/si_sdri"])
     from raytrain.models import build_model
