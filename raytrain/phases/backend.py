@@ -18,17 +18,13 @@ from ray.train.backend import Backend, BackendConfig
 
 
 class _CudaDevice:
-    """Each worker's default CUDA device is its own (`TorchConfigContextManager`), around the train loop."""
+    """`TorchConfig`'s context around the train loop (each worker's default CUDA device is its own), imported in
+    the worker, where torch is."""
 
     def __enter__(self) -> None:
-        import torch
+        from ray.train.torch.config import TorchConfigContextManager
 
-        if torch.cuda.is_available():
-            import ray.train.torch
-
-            device = ray.train.torch.get_device()
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
+        TorchConfigContextManager().__enter__()
 
     def __exit__(self, *exc: object) -> None:
         return None
@@ -57,14 +53,12 @@ class LeanTorchConfig(BackendConfig):
         return TrainingFramework.TORCH
 
 
-def _set_master(addr: str, port: int) -> None:
-    os.environ["MASTER_ADDR"] = addr
-    os.environ["MASTER_PORT"] = str(port)
-
-
-def _distributed_env() -> None:
+def _distributed_env(addr: str, port: int) -> None:
+    """The rendezvous address, then the ranks and sizes torch.distributed reads (`env://`)."""
     from ray.train.torch.config import _set_torch_distributed_env_vars
 
+    os.environ["MASTER_ADDR"] = addr
+    os.environ["MASTER_PORT"] = str(port)
     _set_torch_distributed_env_vars()
 
 
@@ -90,8 +84,7 @@ class _LeanTorchBackend(Backend):
         backend = backend_config.backend or (
             "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo")
         addr, port = worker_group.execute_single(0, get_address_and_port)
-        worker_group.execute(_set_master, addr=addr, port=port)
-        worker_group.execute(_distributed_env)
+        worker_group.execute(_distributed_env, addr=addr, port=port)
         n = len(worker_group)
         ray.get([worker_group.execute_single_async(i, _init_process_group, backend=backend, world_rank=i,
                                                    world_size=n, init_method="env://",

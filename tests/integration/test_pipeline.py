@@ -214,7 +214,7 @@ def test_two_ddp_workers_with_frozen_params_and_grad_accum(corpus: Path, ray_loc
     summary = PipelineRunner(load_config(raw=raw), progress=False, train_callbacks=[controller_probe(probe)]).run()
     entry = summary["phases"]["a"]
     assert entry["status"] == "finished" and entry["steps"] == 4
-    assert controller_records(probe) == [{"pid": controller_records(probe)[0]["pid"], "torch": False}]
+    assert [r["torch"] for r in controller_records(probe)] == [False]  # one controller, without torch
     # Eval sums and counts are all-reduced: the mean covers all 8 dev mixtures across both ranks.
     assert np.isfinite(entry["final_metrics"]["eval/si_sdri"])
     from raytrain.models import build_model
